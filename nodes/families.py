@@ -1,0 +1,71 @@
+"""Family presets: the files users have from ComfyUI's official repackaged releases, and each family's schedules.
+
+A preset only suggests defaults; every node downstream works on plain MODEL/CLIP/VAE/SIGMAS, so the stock
+loaders work just as well.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..dopsd_core import schedules
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    diffusion_model: str
+    text_encoder: str
+    vae: str
+    clip_type: str  # a comfy.sd.CLIPType member name
+    inference_steps: int
+    teacher_context: str  # "vlm" or "reference"
+
+    def inference_sigmas(self, image_tokens: int) -> torch.Tensor | None:
+        if self.name == ZIMAGE_TURBO.name:
+            return schedules.zimage_turbo_inference_sigmas()
+        if self.teacher_context == "reference":
+            return schedules.flux2_klein_sigmas(self.inference_steps, image_tokens)
+        return None
+
+    def training_sigmas(self, image_tokens: int) -> torch.Tensor | None:
+        if self.name == ZIMAGE_TURBO.name:
+            return schedules.zimage_turbo_training_sigmas(4)
+        if self.teacher_context == "reference":
+            return schedules.flux2_klein_sigmas(4, image_tokens)
+        return None
+
+
+ZIMAGE_TURBO = Family(
+    name="Z-Image-Turbo",
+    diffusion_model="z_image_turbo_bf16.safetensors",
+    text_encoder="qwen_3_4b.safetensors",
+    vae="ae.safetensors",
+    clip_type="LUMINA2",
+    inference_steps=8,
+    teacher_context="vlm",
+)
+FLUX2_KLEIN_4B = Family(
+    name="FLUX.2-klein 4B",
+    diffusion_model="flux-2-klein-4b.safetensors",
+    text_encoder="qwen_3_4b.safetensors",
+    vae="flux2-vae.safetensors",
+    clip_type="FLUX2",
+    inference_steps=4,
+    teacher_context="reference",
+)
+FLUX2_KLEIN_9B = Family(
+    name="FLUX.2-klein 9B",
+    diffusion_model="flux-2-klein-9b.safetensors",
+    text_encoder="qwen_3_8b.safetensors",
+    vae="flux2-vae.safetensors",
+    clip_type="FLUX2",
+    inference_steps=4,
+    teacher_context="reference",
+)
+FAMILIES = {f.name: f for f in (ZIMAGE_TURBO, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B)}
+CUSTOM = "custom"
+
+# Pixels the official workflows generate at; sets the resolution-dependent FLUX.2 schedule at load time.
+DEFAULT_IMAGE_TOKENS = (1024 // 16) * (1024 // 16)

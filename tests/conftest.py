@@ -1,0 +1,34 @@
+"""Fixtures that run the pack inside the real ComfyUI runtime, on tiny checkpoints of the real architectures."""
+from __future__ import annotations
+
+import pytest
+
+from tests.harness.comfy_runtime import ComfyRuntime
+from tests.harness.comfy_server import ComfyServer
+from tests.harness.paths import make_base_directory
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory):
+    """A throw-away ComfyUI base directory with this pack, the test patches and the tiny models installed."""
+    from tests.fixtures.tiny_models import write_tiny_models
+
+    base = make_base_directory(tmp_path_factory.mktemp("comfy_base"))
+    write_tiny_models(base / "models")
+    return base
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_base) -> ComfyRuntime:
+    """ComfyUI booted in this process (once per session); `comfy.run(graph)` executes an API-format graph."""
+    return ComfyRuntime.boot(comfy_base)
+
+
+@pytest.fixture
+def comfy_server(comfy_base, tmp_path):
+    """A real ComfyUI HTTP server on a free loopback port, stopped after the test."""
+    server = ComfyServer(comfy_base, tmp_path / "server.log")
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()
