@@ -1,0 +1,59 @@
+"""Framework-free D-OPSD training core: schedules, roll-outs, losses, dual LoRA, trainer, checkpoints.
+
+Nothing here imports ComfyUI; the node layer adapts ComfyUI objects to these building blocks.
+"""
+
+from .adapters import ROLES, AdapterState, DualLora, LoraSpec, find_target_modules
+from .checkpoints import Checkpoint, latest_checkpoint, load_adapter_state, load_checkpoint, save_adapter_state
+from .gradient_checkpointing import gradient_checkpointing
+from .losses import LOSS_SPACES, distillation_loss, flow_matching_loss, velocity_loss, x0_loss
+from .rollout import RolloutStep, append_dims, euler_step, noise_latent, rollout, rollout_preview
+from .schedules import (
+    ZIMAGE_TURBO_INFERENCE_SIGMAS_8,
+    ZIMAGE_TURBO_TRAINING_SIGMAS_4,
+    flux2_klein_mu,
+    flux2_klein_sigmas,
+    validate_sigmas,
+    zimage_turbo_inference_sigmas,
+    zimage_turbo_training_sigmas,
+)
+from .trainer import Denoiser, StepReport, TrainConfig, Trainer, TrainingCancelled, TrainingItem, TrainingPair
+
+__all__ = [
+    "ROLES",
+    "AdapterState",
+    "DualLora",
+    "LoraSpec",
+    "find_target_modules",
+    "Checkpoint",
+    "latest_checkpoint",
+    "load_adapter_state",
+    "load_checkpoint",
+    "save_adapter_state",
+    "gradient_checkpointing",
+    "LOSS_SPACES",
+    "distillation_loss",
+    "flow_matching_loss",
+    "velocity_loss",
+    "x0_loss",
+    "RolloutStep",
+    "append_dims",
+    "euler_step",
+    "noise_latent",
+    "rollout",
+    "rollout_preview",
+    "ZIMAGE_TURBO_INFERENCE_SIGMAS_8",
+    "ZIMAGE_TURBO_TRAINING_SIGMAS_4",
+    "flux2_klein_mu",
+    "flux2_klein_sigmas",
+    "validate_sigmas",
+    "zimage_turbo_inference_sigmas",
+    "zimage_turbo_training_sigmas",
+    "Denoiser",
+    "StepReport",
+    "TrainConfig",
+    "Trainer",
+    "TrainingCancelled",
+    "TrainingItem",
+    "TrainingPair",
+]

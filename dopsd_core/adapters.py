@@ -1,0 +1,201 @@
+"""A trainable "student" and a frozen EMA "teacher" LoRA on one base model, via peft.
+
+Each targeted linear layer computes ``W x + (alpha / rank) * up @ down @ x`` with the active
+role's ``down`` (``[rank, in]``, peft's ``lora_A``) and ``up`` (``[out, rank]``, ``lora_B``).
+Adapter weights are kept in float32 whatever the base dtype, so optimizer state and the EMA
+are exact in float32.
+"""
+
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import Tensor, nn
+
+Role = Literal["student", "teacher"]
+ROLES: tuple[Role, ...] = ("student", "teacher")
+
+AdapterState = dict[str, dict[str, Tensor | float]]
+"""``{module_name: {"down": Tensor[rank, in], "up": Tensor[out, rank], "alpha": float}}``."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA shape and initialisation (the D-OPSD authors used rank 64, alpha 128).
+
+    ``target_modules`` selects linear layers (``nn.Linear`` or subclasses) by qualified name:
+    a regex that must match the whole name, or a list of name suffixes at a ``.`` boundary.
+    ``init``: "default" is Kaiming-uniform ``down`` and zero ``up``; "gaussian" draws ``down``
+    from N(0, 1/rank). Both start as the identity edit. ``seed`` makes ``down`` reproducible.
+    """
+
+    rank: int = 64
+    alpha: float = 128.0
+    target_modules: str | Sequence[str] | None = None
+    init: Literal["default", "gaussian"] = "default"
+    dropout: float = 0.0
+    seed: int = 0
+
+
+def find_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Qualified names of the linear layers of ``model`` that ``target_modules`` selects."""
+
+    def selected(name: str) -> bool:
+        if isinstance(target_modules, str):
+            return re.fullmatch(target_modules, name) is not None
+        return any(name == suffix or name.endswith("." + suffix) for suffix in target_modules)
+
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and selected(name)]
+
+
+class DualLora:
+    """Attach "student" and "teacher" adapters to ``model`` in place; ``remove()`` undoes it exactly.
+
+    The teacher starts equal to the student and only changes through ``ema_update`` or
+    ``load_state``; its parameters never require grad. The base model's parameters are frozen
+    while attached. Also a context manager that removes the adapters on exit.
+    """
+
+    def __init__(self, model: nn.Module, spec: LoraSpec):
+        if spec.target_modules is None:
+            raise ValueError("LoraSpec.target_modules must name the layers to adapt")
+        if spec.init not in ("default", "gaussian"):
+            raise ValueError(f'LoraSpec.init must be "default" or "gaussian", got {spec.init!r}')
+        names = find_target_modules(model, spec.target_modules)
+        if not names:
+            raise ValueError(f"no linear layer matches target_modules={spec.target_modules!r}")
+        self.model, self.spec, self.module_names = model, spec, tuple(names)
+        self._base_layers = {name: model.get_submodule(name) for name in names}
+        self._base_requires_grad = {p: p.requires_grad for p in model.parameters()}
+        self._peft_config_before = model.__dict__.get("peft_config")
+        self._removed = False
+
+        config = LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            init_lora_weights=True if spec.init == "default" else "gaussian",
+            # Exact names: a regex or suffix would also hit peft's own ".base_layer" on the second injection.
+            target_modules="|".join(map(re.escape, names)),
+        )
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft warns that a second adapter on one model is for experts; two adapters is the design.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            torch.manual_seed(spec.seed)
+            for role in ROLES:
+                inject_adapter_in_model(config, model, adapter_name=role)
+        self._layers = [model.get_submodule(name) for name in names]
+        for layer in self._layers:
+            for role in ROLES:
+                layer.lora_A[role].float()
+                layer.lora_B[role].float()
+        self._params = {
+            role: [p for layer in self._layers for p in (layer.lora_A[role].weight, layer.lora_B[role].weight)]
+            for role in ROLES
+        }
+        for p in self._base_requires_grad:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            torch._foreach_copy_(self._params["teacher"], self._params["student"])
+        self.active_role: Role = "student"
+        self.activate("student")
+
+    def activate(self, role: Role) -> None:
+        """Make ``role``'s adapter the one every adapted layer applies."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        for layer in self._layers:
+            layer.set_adapter(role)
+        # peft's set_adapter makes the active adapter trainable and the other frozen; roles are fixed here.
+        for p in self._params["student"]:
+            p.requires_grad_(True)
+        for p in self._params["teacher"]:
+            p.requires_grad_(False)
+        self.active_role = role
+
+    @contextmanager
+    def use(self, role: Role) -> Iterator[None]:
+        """Apply ``role``'s adapter inside the block, then the previously active one."""
+        previous = self.active_role
+        self.activate(role)
+        try:
+            yield
+        finally:
+            self.activate(previous)
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters, in a fixed order (down, up per layer)."""
+        return list(self._params["student"])
+
+    @torch.no_grad()
+    def ema_update(self, decay: float) -> None:
+        """``teacher <- teacher * decay + student * (1 - decay)``, each product and the sum rounded to float32."""
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1], got {decay}")
+        torch._foreach_mul_(self._params["teacher"], decay)
+        torch._foreach_add_(self._params["teacher"], torch._foreach_mul(self._params["student"], 1.0 - decay))
+
+    def state(self, role: Role) -> AdapterState:
+        """A detached copy of ``role``'s adapter, keyed by the adapted module's name."""
+        return {
+            name: {
+                "down": layer.lora_A[role].weight.detach().clone(),
+                "up": layer.lora_B[role].weight.detach().clone(),
+                "alpha": float(layer.lora_alpha[role]),
+            }
+            for name, layer in zip(self.module_names, self._layers)
+        }
+
+    def student_state(self) -> AdapterState:
+        return self.state("student")
+
+    def teacher_state(self) -> AdapterState:
+        return self.state("teacher")
+
+    @torch.no_grad()
+    def load_state(self, student: AdapterState, teacher: AdapterState | None = None) -> None:
+        """Overwrite the adapters; the teacher copies the student when ``teacher`` is None."""
+        for role, state in (("student", student), ("teacher", student if teacher is None else teacher)):
+            missing = set(self.module_names) - state.keys()
+            unexpected = state.keys() - set(self.module_names)
+            if missing or unexpected:
+                raise ValueError(
+                    f"{role} state does not fit the adapted layers: "
+                    f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+                )
+            for name, layer in zip(self.module_names, self._layers):
+                entry = state[name]
+                if float(entry["alpha"]) != float(layer.lora_alpha[role]):
+                    raise ValueError(f"{role} state for {name} has alpha {entry['alpha']}, expected {layer.lora_alpha[role]}")
+                for key, weight in (("down", layer.lora_A[role].weight), ("up", layer.lora_B[role].weight)):
+                    if entry[key].shape != weight.shape:
+                        raise ValueError(
+                            f"{role} state for {name}.{key} has shape {tuple(entry[key].shape)}, expected {tuple(weight.shape)}"
+                        )
+                    weight.copy_(entry[key])
+
+    def remove(self) -> None:
+        """Put the original modules back and restore their ``requires_grad`` flags."""
+        if self._removed:
+            return
+        for name, base_layer in self._base_layers.items():
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child_name, base_layer)
+        for p, requires_grad in self._base_requires_grad.items():
+            p.requires_grad_(requires_grad)
+        if self._peft_config_before is None:
+            self.model.__dict__.pop("peft_config", None)
+        else:
+            self.model.peft_config = self._peft_config_before
+        self._removed = True
+
+    def __enter__(self) -> "DualLora":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()

@@ -1,0 +1,107 @@
+"""Small pure-torch stand-ins for a ComfyUI flow model, shared by the core tests and benchmark."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from dopsd_core import DualLora, rollout, x0_loss
+
+LORA_TARGETS = r"blocks\.\d+\.(q|k|v|out|ff_in|ff_out)"
+
+
+class CastLinear(nn.Linear):
+    """Like ComfyUI's linear layers: a subclass whose forward casts the weights to the input dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+@dataclass(frozen=True)
+class ToyCond:
+    """A prompt embedding, and for the teacher the target latent as a reference."""
+
+    prompt: Tensor
+    reference: Tensor | None = None
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.q, self.k, self.v, self.out = (CastLinear(dim, dim) for _ in range(4))
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ff_in, self.ff_out = CastLinear(dim, 4 * dim), CastLinear(4 * dim, dim)
+        self.modulation = CastLinear(dim, 2 * dim)
+
+    def forward(self, h: Tensor, c: Tensor) -> Tensor:
+        shift, scale = rearrange(self.modulation(c), "b (two d) -> two b 1 d", two=2)
+        y = self.norm1(h) * (1 + scale) + shift
+        q, k, v = (rearrange(proj(y), "b n (h d) -> b h n d", h=self.heads) for proj in (self.q, self.k, self.v))
+        h = h + self.out(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+        return h + self.ff_out(F.gelu(self.ff_in(self.norm2(h))))
+
+
+class ToyDiT(nn.Module):
+    """A DiT-like x0 predictor ``(x [B, C, H, W], sigma [B], ToyCond) -> x0``; a reference latent
+    is patchified and added to the image tokens, like an in-context reference image."""
+
+    def __init__(self, channels=4, size=8, patch=2, dim=64, depth=2, heads=4, prompt_dim=8):
+        super().__init__()
+        self.patch = patch
+        patch_dim, tokens = channels * patch * patch, (size // patch) ** 2
+        self.x_in, self.reference_in = CastLinear(patch_dim, dim), CastLinear(patch_dim, dim)
+        self.position = nn.Parameter(torch.randn(tokens, dim) * 0.02)
+        self.register_buffer("frequencies", torch.logspace(0, 3, 8))
+        self.sigma_in, self.prompt_in = CastLinear(16, dim), CastLinear(prompt_dim, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm_out = nn.LayerNorm(dim)
+        self.x0_out = CastLinear(dim, patch_dim)
+
+    def tokens(self, latent: Tensor) -> Tensor:
+        return rearrange(latent, "b c (h p) (w q) -> b (h w) (c p q)", p=self.patch, q=self.patch)
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: ToyCond) -> Tensor:
+        angles = sigma[:, None] * self.frequencies
+        c = F.silu(self.sigma_in(torch.cat([angles.sin(), angles.cos()], -1)) + self.prompt_in(cond.prompt))
+        h = self.x_in(self.tokens(x)) + self.position
+        if cond.reference is not None:
+            h = h + self.reference_in(self.tokens(cond.reference))
+        for block in self.blocks:
+            h = block(h, c)
+        side = x.shape[-1] // self.patch
+        return rearrange(
+            self.x0_out(self.norm_out(h)), "b (h w) (c p q) -> b c (h p) (w q)", w=side, p=self.patch, q=self.patch
+        )
+
+
+def role_predictor(model: nn.Module, adapters: DualLora, role: str, cond: ToyCond):
+    """``(x, sigma) -> x0`` of one role with a fixed conditioning, for roll-outs and previews."""
+
+    def predict(x: Tensor, sigma: Tensor) -> Tensor:
+        with adapters.use(role):
+            return model(x, sigma, cond)
+
+    return predict
+
+
+def reference_dopsd_backward(model, adapters, student_cond, teacher_cond, noise, sigmas) -> Tensor:
+    """The authors' formulation: keep every roll-out step's student graph, average the K losses,
+    one backward. Returns the per-step losses."""
+    losses = []
+
+    def keep_graph(x: Tensor, sigma: Tensor) -> Tensor:
+        with torch.no_grad(), adapters.use("teacher"):
+            teacher_x0 = model(x, sigma, teacher_cond)
+        student_x0 = model(x, sigma, student_cond)
+        losses.append(x0_loss(student_x0, teacher_x0))
+        return student_x0
+
+    with adapters.use("student"):
+        rollout(keep_graph, noise, sigmas)
+    torch.stack(losses).mean().backward()
+    return torch.stack(losses).detach()
