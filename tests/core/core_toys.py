@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from dopsd_core import DualLora, rollout, x0_loss
+from dopsd_core import DualLora, append_dims, noise_latent, rollout, x0_loss
 
 LORA_TARGETS = r"blocks\.\d+\.(q|k|v|out|ff_in|ff_out)"
 
@@ -55,7 +55,7 @@ class ToyDiT(nn.Module):
         self.patch = patch
         patch_dim, tokens = channels * patch * patch, (size // patch) ** 2
         self.x_in, self.reference_in = CastLinear(patch_dim, dim), CastLinear(patch_dim, dim)
-        self.position = nn.Parameter(torch.randn(tokens, dim) * 0.02)
+        self.position = nn.Parameter(torch.randn(tokens, dim))
         self.register_buffer("frequencies", torch.logspace(0, 3, 8))
         self.sigma_in, self.prompt_in = CastLinear(16, dim), CastLinear(prompt_dim, dim)
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
@@ -77,6 +77,19 @@ class ToyDiT(nn.Module):
         return rearrange(
             self.x0_out(self.norm_out(h)), "b (h w) (c p q) -> b c (h p) (w q)", w=side, p=self.patch, q=self.patch
         )
+
+
+def random_adapter_state(adapters: DualLora, seed: int, scale: float = 0.1) -> dict:
+    """A non-trivial adapter state (the fresh one has ``up = 0``) of the right shapes."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: {
+            "down": scale * torch.randn(entry["down"].shape, generator=generator),
+            "up": scale * torch.randn(entry["up"].shape, generator=generator),
+            "alpha": entry["alpha"],
+        }
+        for name, entry in adapters.student_state().items()
+    }
 
 
 def role_predictor(model: nn.Module, adapters: DualLora, role: str, cond: ToyCond):
@@ -105,3 +118,22 @@ def reference_dopsd_backward(model, adapters, student_cond, teacher_cond, noise,
         rollout(keep_graph, noise, sigmas)
     torch.stack(losses).mean().backward()
     return torch.stack(losses).detach()
+
+
+def pretrain_in_context_copy(model: ToyDiT, steps: int = 200, batch: int = 32, seed: int = 0) -> ToyDiT:
+    """Teach the base model, by x0 regression on random latents, to reproduce the reference when
+    it gets one (every other step) and to predict the mean without: a teacher context that
+    carries the target, as in D-OPSD, and a student that lacks it."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        x0, noise = (torch.randn(batch, 4, 8, 8, generator=generator) for _ in range(2))
+        sigma = torch.rand(batch, generator=generator)
+        prompt = torch.randn(batch, 8, generator=generator)
+        x = noise_latent(x0, noise, append_dims(sigma, x0.ndim))
+        cond = ToyCond(prompt, x0 if step % 2 == 0 else None)
+        loss = x0_loss(model(x, sigma, cond), x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.requires_grad_(False)

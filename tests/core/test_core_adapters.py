@@ -2,19 +2,10 @@ import pytest
 import torch
 from torch import nn
 
-from tests.core.core_toys import LORA_TARGETS, CastLinear, ToyCond, ToyDiT
+from tests.core.core_toys import LORA_TARGETS, CastLinear, ToyCond, ToyDiT, random_adapter_state
 from dopsd_core import DualLora, LoraSpec, find_target_modules
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=LORA_TARGETS)
-
-
-def random_state(adapters: DualLora, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        name: {"down": torch.randn(entry["down"].shape, generator=generator),
-               "up": torch.randn(entry["up"].shape, generator=generator), "alpha": entry["alpha"]}
-        for name, entry in adapters.student_state().items()
-    }
 
 
 def toy_inputs(seed: int = 0):
@@ -29,7 +20,7 @@ def test_adapts_linear_subclasses_and_applies_the_documented_update():
     model = nn.Sequential(CastLinear(6, 5), nn.ReLU(), CastLinear(5, 3))
     adapters = DualLora(model, LoraSpec(rank=2, alpha=3.0, target_modules=["0"]))
     assert adapters.module_names == ("0",)
-    state = random_state(adapters, seed=1)
+    state = random_adapter_state(adapters, seed=1)
     adapters.load_state(state)
     x = torch.randn(7, 6)
     base = model[0].get_base_layer()
@@ -72,7 +63,7 @@ def test_use_switches_the_applied_adapter_and_restores_the_previous_one():
     torch.manual_seed(0)
     model = ToyDiT()
     adapters = DualLora(model, SPEC)
-    adapters.load_state(random_state(adapters, 1), random_state(adapters, 2))
+    adapters.load_state(random_adapter_state(adapters, 1), random_adapter_state(adapters, 2))
     x, sigma, cond = toy_inputs()
     student_out = model(x, sigma, cond)
     with adapters.use("teacher"):
@@ -88,7 +79,7 @@ def test_use_switches_the_applied_adapter_and_restores_the_previous_one():
 def test_ema_update_matches_a_hand_computation():
     torch.manual_seed(0)
     adapters = DualLora(ToyDiT(), SPEC)
-    student, teacher = random_state(adapters, 1), random_state(adapters, 2)
+    student, teacher = random_adapter_state(adapters, 1), random_adapter_state(adapters, 2)
     adapters.load_state(student, teacher)
     decay = 0.9
     adapters.ema_update(decay)
@@ -142,7 +133,7 @@ def test_remove_restores_the_base_model_exactly():
 
     with DualLora(model, SPEC) as adapters:
         assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
-        adapters.load_state(random_state(adapters, 1), random_state(adapters, 2))
+        adapters.load_state(random_adapter_state(adapters, 1), random_adapter_state(adapters, 2))
         optimizer = torch.optim.AdamW(adapters.student_parameters(), lr=1e-2)
         for _ in range(3):
             model(x, sigma, cond).square().mean().backward()
