@@ -69,3 +69,23 @@ CUSTOM = "custom"
 
 # Pixels the official workflows generate at; sets the resolution-dependent FLUX.2 schedule at load time.
 DEFAULT_IMAGE_TOKENS = (1024 // 16) * (1024 // 16)
+
+# LoRA targets per architecture (ComfyUI module names): attention q/k/v/out and the feed-forward layers, in every
+# transformer block (FLUX.2 also its text-stream projections). ComfyUI fuses q/k/v into one `qkv` linear.
+LORA_TARGETS = {
+    "NextDiT": r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])",
+    "Flux": r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12]",
+}
+AUTO = "auto"
+
+
+def lora_targets(diffusion_model, requested: str) -> str | None:
+    """The target-module regex: the user's, or for "auto" the one of the model's architecture (None if unknown)."""
+    if requested.strip() != AUTO:
+        return requested.strip()
+    return LORA_TARGETS.get(type(diffusion_model).__name__)
+
+
+def transformer_blocks(diffusion_model) -> list:
+    """The repeated blocks, where gradient checkpointing pays off."""
+    return [block for child in diffusion_model.children() if isinstance(child, torch.nn.ModuleList) for block in child]

@@ -77,6 +77,7 @@ class DOPSDLoadModel(io.ComfyNode):
         clip_type = clip_type_for(type_name, cls.__name__)
 
         model = comfy.sd.load_diffusion_model(folder_paths.get_full_path_or_raise("diffusion_models", diffusion_model))
+        model.model_options["dopsd_base_model"] = diffusion_model  # recorded in the trained LoRA's metadata
         clip = comfy.sd.load_clip(
             ckpt_paths=[folder_paths.get_full_path_or_raise("text_encoders", text_encoder)],
             embedding_directory=folder_paths.get_folder_paths("embeddings"),

@@ -88,6 +88,7 @@ class ComfyRuntime:
         self.nodes = nodes
         self.execution = execution
         self.server = RecordingServer()
+        self.interrupt_at_progress: int | None = None
         comfy.utils.set_progress_bar_global_hook(self._progress_hook)
         self.import_errors = asyncio.run(self._init_nodes())
         self.executor = execution.PromptExecutor(
@@ -104,6 +105,10 @@ class ComfyRuntime:
         # ComfyUI's own hook raises here on an interrupt request; keep that behaviour.
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.server.send_sync("progress", {"value": value, "max": total, "node": node_id})
+        if self.interrupt_at_progress is not None and value >= self.interrupt_at_progress:
+            # What the UI's Cancel button does: POST /interrupt sets this flag.
+            self.interrupt_at_progress = None
+            self.nodes.interrupt_processing(True)
 
     @classmethod
     def boot(cls, base: Path) -> "ComfyRuntime":

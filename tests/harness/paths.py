@@ -34,7 +34,8 @@ def make_base_directory(base: Path) -> Path:
         link = custom_nodes / link_name
         if not link.exists():
             link.symlink_to(target, target_is_directory=True)
-    for sub in ("models/diffusion_models", "models/text_encoders", "models/vae", "models/loras", "input", "output", "user", "temp"):
+    for sub in ("models/diffusion_models", "models/text_encoders", "models/vae", "models/clip_vision", "models/loras",
+                "input", "output", "user", "temp"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     return base
 

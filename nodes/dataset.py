@@ -1,0 +1,203 @@
+"""Dataset nodes: image–text pairs from a folder under ComfyUI's input directory, or from IMAGE + text in the graph."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..dopsd_core.buckets import bucket_size, center_crop_box
+from .errors import node_error
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+METADATA_FILE = "metadata.jsonl"
+CAPTION_BLOCK_SEPARATOR = "---"
+DATASET = io.Custom("DOPSD_DATASET")
+
+
+@dataclass(frozen=True)
+class DatasetItem:
+    name: str
+    image: torch.Tensor  # [1, H, W, 3] in 0..1, already at its bucket size
+    prompts: tuple[str, ...]  # prompt variants; one is drawn per training step
+
+
+def apply_trigger(prompt: str, placeholder: str, trigger_word: str) -> str:
+    return prompt.replace(placeholder, trigger_word) if placeholder and trigger_word else prompt
+
+
+def caption_variants(text: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def to_bucket(image: Image.Image, megapixels: float, multiple: int) -> torch.Tensor:
+    image = ImageOps.exif_transpose(image).convert("RGB")
+    width, height = bucket_size(image.width, image.height, int(megapixels * 1_000_000), multiple)
+    image = image.crop(center_crop_box(image.width, image.height, width, height)).resize((width, height), Image.LANCZOS)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def resolve_dataset_folder(folder: str, allow_outside_input: bool, node) -> Path:
+    input_dir = Path(folder_paths.get_input_directory()).resolve()
+    path = Path(folder).expanduser()
+    path = (path if path.is_absolute() else input_dir / path).resolve()
+    if not allow_outside_input and path != input_dir and input_dir not in path.parents:
+        raise node_error(node, f"the folder '{folder}' is outside ComfyUI's input folder ({input_dir})",
+                         "move the images under ComfyUI/input, or enable allow_outside_input")
+    if not path.is_dir():
+        raise node_error(node, f"the folder '{path}' does not exist",
+                         f"create it under {input_dir} with images and same-name .txt captions")
+    return path
+
+
+def read_pairs(folder: Path, node) -> list[tuple[Path, tuple[str, ...]]]:
+    """(image path, prompt variants) from metadata.jsonl if present, else from same-name .txt captions."""
+    metadata = folder / METADATA_FILE
+    if metadata.is_file():
+        pairs = []
+        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                image = folder / record["image"]
+                prompts = record.get("prompts") or [record["prompt"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise node_error(node, f"{METADATA_FILE} line {number} is not valid ({err})",
+                                 'write one JSON object per line: {"image": "a.png", "prompt": "..."} '
+                                 'or {"image": "a.png", "prompts": ["...", "..."]}') from err
+            if not image.is_file():
+                raise node_error(node, f"{METADATA_FILE} line {number} names '{record['image']}', which is not in {folder}",
+                                 "fix the file name or add the image")
+            pairs.append((image, tuple(p.strip() for p in prompts if p and p.strip())))
+    else:
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise node_error(node, f"{len(missing)} image(s) have no caption file: {', '.join(missing[:5])}",
+                             "add a .txt file with the same name next to each image (one prompt variant per line)")
+        pairs = [(p, caption_variants(p.with_suffix(".txt").read_text(encoding="utf-8"))) for p in images]
+    if not pairs:
+        raise node_error(node, f"no images found in {folder}",
+                         f"add {', '.join(IMAGE_SUFFIXES)} images with same-name .txt captions, or a {METADATA_FILE}")
+    empty = [image.name for image, prompts in pairs if not prompts]
+    if empty:
+        raise node_error(node, f"empty caption for: {', '.join(empty[:5])}", "write at least one prompt per image")
+    return pairs
+
+
+def load_image(path: Path, node) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise node_error(node, f"cannot read the image '{path.name}' ({err})",
+                         "re-export it as PNG or JPEG, or remove it and its caption") from err
+
+
+def folder_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def caption_and_bucket_inputs() -> list:
+    return [
+        io.String.Input("trigger_word", default="",
+                        tooltip="Replaces the placeholder in every caption (e.g. 'sks fox'); empty keeps the placeholder."),
+        io.String.Input("placeholder", default="[trigger]", tooltip="The concept placeholder written in the captions."),
+        io.Float.Input("megapixels", default=1.0, min=0.001, max=4.0, step=0.001,
+                       tooltip="Target pixel count of the aspect-ratio buckets (the authors used ~1 MP)."),
+        io.Int.Input("bucket_multiple", default=64, min=16, max=256, step=16,
+                     tooltip="Bucket sides are multiples of this (VAE downscale × patch size, or more)."),
+    ]
+
+
+class DOPSDDatasetFromFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDDatasetFromFolder",
+            display_name="Dataset from Folder (D-OPSD)",
+            category="D-OPSD",
+            description=(
+                "Image–text pairs from a folder under ComfyUI/input: images with same-name .txt captions (one prompt "
+                f"variant per line), or a {METADATA_FILE} with image and prompt(s) fields."
+            ),
+            inputs=[
+                io.String.Input("folder", default="dopsd/my_concept", tooltip="Relative to ComfyUI's input folder."),
+                *caption_and_bucket_inputs(),
+                io.Boolean.Input("allow_outside_input", default=False,
+                                 tooltip="Allow a folder outside ComfyUI's input folder (absolute path)."),
+            ],
+            outputs=[DATASET.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, allow_outside_input, **_):
+        # Re-run (and retrain downstream) when files in the folder change, not only when the inputs do.
+        try:
+            return folder_fingerprint(resolve_dataset_folder(folder, allow_outside_input, cls))
+        except ValueError:
+            return float("nan")  # never equal: the error is reported by execute
+
+    @classmethod
+    def execute(cls, folder, trigger_word, placeholder, megapixels, bucket_multiple, allow_outside_input) -> io.NodeOutput:
+        path = resolve_dataset_folder(folder, allow_outside_input, cls)
+        items = [
+            DatasetItem(
+                name=image_path.name,
+                image=to_bucket(load_image(image_path, cls), megapixels, bucket_multiple),
+                prompts=tuple(apply_trigger(p, placeholder, trigger_word) for p in prompts),
+            )
+            for image_path, prompts in read_pairs(path, cls)
+        ]
+        return io.NodeOutput(items)
+
+
+class DOPSDDatasetFromImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDDatasetFromImages",
+            display_name="Dataset from Images (D-OPSD)",
+            category="D-OPSD",
+            description=(
+                "Image–text pairs from an IMAGE batch wired in the graph. Captions: one prompt variant per line; "
+                f"separate the captions of different images with a line '{CAPTION_BLOCK_SEPARATOR}' (one block = "
+                "shared by all images)."
+            ),
+            inputs=[
+                io.Image.Input("images"),
+                io.String.Input("captions", multiline=True, default="a photo of [trigger]"),
+                *caption_and_bucket_inputs(),
+            ],
+            outputs=[DATASET.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def execute(cls, images, captions, trigger_word, placeholder, megapixels, bucket_multiple) -> io.NodeOutput:
+        blocks = [caption_variants(b) for b in captions.split(f"\n{CAPTION_BLOCK_SEPARATOR}\n")]
+        blocks = [b for b in blocks if b]
+        if not blocks:
+            raise node_error(cls, "the captions are empty", "write at least one prompt")
+        if len(blocks) not in (1, images.shape[0]):
+            raise node_error(cls, f"{images.shape[0]} images but {len(blocks)} caption blocks",
+                             f"give one block per image, separated by '{CAPTION_BLOCK_SEPARATOR}' lines, or a single block for all")
+        items = []
+        for index, image in enumerate(images):
+            pil = Image.fromarray((image[..., :3].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8))
+            prompts = blocks[index if len(blocks) > 1 else 0]
+            items.append(DatasetItem(name=f"image_{index:03d}", image=to_bucket(pil, megapixels, bucket_multiple),
+                                     prompts=tuple(apply_trigger(p, placeholder, trigger_word) for p in prompts)))
+        return io.NodeOutput(items)

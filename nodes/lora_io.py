@@ -1,0 +1,120 @@
+"""LoRA files: ComfyUI's key format, saving into models/loras, and applying a LoRA the way the stock loader does."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import comfy.sd
+import comfy.utils
+import folder_paths
+import safetensors.torch
+import torch
+from comfy_api.latest import io
+
+from .errors import node_error
+from .user_paths import resolve_inside
+
+DIFFUSION_MODEL_PREFIX = "diffusion_model."
+
+
+class TrainedLora(dict):
+    """A LORA_MODEL (ComfyUI's native type: a dict of tensors in LoRA key format) that also carries the
+    training metadata written into the file header. Native SaveLoRA / LoraModelLoader accept it as a dict."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+        super().__init__(tensors)
+        self.metadata = metadata
+
+
+def comfy_lora_tensors(adapter_state: dict[str, dict], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """{module: {"down", "up", "alpha"}} of the diffusion model -> ComfyUI LoRA keys
+    `diffusion_model.<module>.lora_down.weight`, `.lora_up.weight`, `.alpha` (what comfy.lora loads)."""
+    tensors = {}
+    for module, weights in adapter_state.items():
+        key = DIFFUSION_MODEL_PREFIX + module
+        tensors[f"{key}.lora_down.weight"] = weights["down"].detach().to("cpu", dtype).contiguous()
+        tensors[f"{key}.lora_up.weight"] = weights["up"].detach().to("cpu", dtype).contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(weights["alpha"]))
+    return tensors
+
+
+def apply_lora(model, lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """A clone of `model` with the LoRA patched in: the exact path of the stock LoRA loaders."""
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
+    return patched
+
+
+def lora_path_for(name: str, node) -> Path:
+    """The .safetensors file a LoRA name stands for, inside the first models/loras folder."""
+    path = resolve_inside(loras_root(), name, node, "LoRA name")
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def loras_root() -> Path:
+    return Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+
+
+def save_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write atomically: a temporary file in the same folder, renamed over the final name only when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def metadata_for_file(lora: dict) -> dict[str, str]:
+    metadata = dict(getattr(lora, "metadata", {}) or {})
+    metadata.setdefault("format", "comfyui-lora")
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+
+
+class DOPSDSaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDSaveLoRA",
+            display_name="Save LoRA (D-OPSD)",
+            category="D-OPSD",
+            description=(
+                "Saves the trained LoRA into models/loras (Load LoRA lists it at once) with its training settings in "
+                "the file header, then applies the saved file to the model exactly as Load LoRA would."
+            ),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the LoRA was trained on (not the trained output)."),
+                io.LoraModel.Input("lora"),
+                io.String.Input("lora_name", default="dopsd/my_concept",
+                                tooltip="File name inside models/loras; '.safetensors' is added."),
+                io.Boolean.Input("overwrite", default=True, tooltip="Replace an existing file of that name."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the saved LoRA applied."),
+                io.String.Output(display_name="lora_name", tooltip="The name Load LoRA lists the file under."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, lora, lora_name, overwrite, strength) -> io.NodeOutput:
+        path = lora_path_for(lora_name, cls)
+        if path.exists() and not overwrite:
+            raise node_error(cls, f"{path.name} already exists in the loras folder",
+                             "choose another lora_name or enable overwrite")
+        if not lora:
+            raise node_error(cls, "the LoRA is empty", "connect the lora output of D-OPSD Train")
+        try:
+            save_lora_file(path, {k: v for k, v in lora.items()}, metadata_for_file(lora))
+        except OSError as err:
+            raise node_error(cls, f"could not write {path} ({err.strerror or err})",
+                             "free disk space or choose a writable models/loras folder; nothing was overwritten") from err
+        saved = comfy.utils.load_torch_file(str(path), safe_load=True)
+        relative = path.relative_to(loras_root()).as_posix()
+        return io.NodeOutput(apply_lora(model, saved, strength), relative,
+                             ui={"text": [f"saved models/loras/{relative}"]})

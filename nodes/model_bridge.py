@@ -1,0 +1,102 @@
+"""A ComfyUI MODEL as dopsd_core predictors.
+
+ComfyUI's model call returns the denoised x0 for every model family, and its conditioning machinery turns a
+CONDITIONING (text features, VLM features, reference latents, masks) into model inputs. Going through that
+machinery, rather than calling the network directly, is what lets one training node serve any flow model.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.sampler_helpers
+import comfy.samplers
+import torch
+
+from .errors import node_error
+
+
+def require_flow_model(model, node) -> None:
+    sampling = model.get_model_object("model_sampling")
+    if not isinstance(sampling, comfy.model_sampling.CONST):
+        raise node_error(
+            node,
+            f"the MODEL is not a flow-matching model (its sampling is {type(sampling).__name__})",
+            "D-OPSD trains rectified-flow models such as Z-Image-Turbo or FLUX.2-klein; load one of those",
+        )
+
+
+class ModelSession:
+    """A loaded MODEL with its conditionings prepared: `predict_x0(x, sigma, cond)` in the model's latent space.
+
+    Latents from VAE.encode are in the VAE's space; `to_model_space` / `to_vae_space` convert, exactly as
+    ComfyUI's samplers do around sampling.
+    """
+
+    def __init__(self, model, inner, model_options):
+        self.model = model
+        self.inner = inner
+        self.model_options = model_options
+        self.device = model.load_device
+        self.dtype = model.model_dtype()
+
+    def prepare(self, conditioning, latent_shape) -> list[dict]:
+        """CONDITIONING -> the processed form `predict_x0` takes (done once per conditioning, not per call)."""
+        noise = torch.zeros(latent_shape, device=self.device)
+        conds = {"positive": comfy.sampler_helpers.convert_cond(conditioning)}
+        return comfy.samplers.process_conds(self.inner, noise, conds, self.device, seed=0)["positive"]
+
+    def predict_x0(self, x: torch.Tensor, sigma: torch.Tensor, prepared: list[dict]) -> torch.Tensor:
+        return comfy.samplers.calc_cond_batch(self.inner, [prepared], x, sigma.to(x.device), self.model_options)[0]
+
+    def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.inner.process_latent_in(latent.to(self.device))
+
+    def to_vae_space(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.inner.process_latent_out(latent)
+
+
+@contextmanager
+def model_session(model, latent_shape, training: bool):
+    """Load `model` through ComfyUI's model management for a roll-out or a training run, and release it after.
+
+    Training keeps every weight on the device (no partial offload) and asks for the memory of the activations
+    too, so other models are unloaded first instead of failing mid-run.
+    """
+    if training:
+        comfy.model_management.load_models_gpu(
+            [model], memory_required=training_memory_estimate(model, latent_shape), force_full_load=True
+        )
+    inner, _, loaded = comfy.sampler_helpers.prepare_sampling(model, latent_shape, {}, model.model_options)
+    options = comfy.model_patcher.create_model_options_clone(model.model_options)
+    model.pre_run()
+    try:
+        yield ModelSession(model, inner, options)
+    finally:
+        model.cleanup()
+        comfy.sampler_helpers.cleanup_models({}, loaded)
+
+
+def training_memory_estimate(model, latent_shape) -> int:
+    """Inference memory of one forward, times a margin for the activations autograd keeps for one backward."""
+    activations_margin = 3
+    return int(model.memory_required(list(latent_shape)) * activations_margin)
+
+
+def make_weights_autograd_safe(module: torch.nn.Module) -> None:
+    """Replace inference-mode tensors among `module`'s parameters and buffers by ordinary copies of equal value.
+
+    ComfyUI loads models inside torch.inference_mode, and autograd refuses to save such tensors for backward.
+    Copies are made one tensor at a time, so memory grows by one tensor, not one model.
+    """
+    with torch.inference_mode(False):
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_inference():
+                owner_name, _, attr = name.rpartition(".")
+                owner = module.get_submodule(owner_name)
+                copy = tensor.clone()
+                if isinstance(tensor, torch.nn.Parameter):
+                    copy = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                setattr(owner, attr, copy)

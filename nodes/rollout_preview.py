@@ -1,0 +1,80 @@
+"""DOPSDRolloutPreview: look at the teacher before training.
+
+The student rolls out its own few-step trajectory from the prompt alone; at every state the teacher's
+prediction (prompt + target image) is shown beside the student's. D-OPSD pulls the student toward exactly
+these teacher images, so artifacts visible here will be learned.
+"""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..dopsd_core import rollout_preview, validate_sigmas
+from .conditioning import TRAINING_SET
+from .errors import node_error
+from .model_bridge import model_session, require_flow_model
+
+
+class DOPSDRolloutPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDRolloutPreview",
+            display_name="Roll-out Preview: Student vs Teacher (D-OPSD)",
+            category="D-OPSD",
+            description=(
+                "For one image–prompt pair: the student's own few-step roll-out and, at each step, the predicted "
+                "image of the student (left), the teacher (middle) and the target (right)."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Vae.Input("vae"),
+                TRAINING_SET.Input("training_set"),
+                io.Sigmas.Input("sigmas", tooltip="The training schedule to preview."),
+                io.Int.Input("pair_index", default=0, min=0, max=100_000, tooltip="Which image of the set."),
+                io.Int.Input("prompt_variant", default=0, min=0, max=1_000, tooltip="Which of its prompt variants."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
+            ],
+            outputs=[
+                io.Image.Output(display_name="student_teacher_target", tooltip="One image per roll-out step."),
+                io.Latent.Output(display_name="rollout_states", tooltip="The student's state at each step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, training_set, sigmas, pair_index, prompt_variant, seed) -> io.NodeOutput:
+        require_flow_model(model, cls)
+        try:
+            sigmas = validate_sigmas(sigmas)
+        except ValueError as err:
+            raise node_error(cls, f"sigmas: {err}", "connect a schedule that ends at 0") from err
+        if not 0 <= pair_index < len(training_set):
+            raise node_error(cls, f"pair_index {pair_index} is outside the training set of {len(training_set)}",
+                             f"pick 0 to {len(training_set) - 1}")
+        item = training_set[pair_index]
+        if not 0 <= prompt_variant < len(item.pairs):
+            raise node_error(cls, f"{item.name} has {len(item.pairs)} prompt variants, not {prompt_variant + 1}",
+                             f"pick 0 to {len(item.pairs) - 1}")
+        pair = item.pairs[prompt_variant]
+        shape = tuple(item.latent.shape)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        with model_session(model, shape, training=False) as session:
+            student, teacher = session.prepare(pair.student, shape), session.prepare(pair.teacher, shape)
+            steps = rollout_preview(
+                lambda x, s: session.predict_x0(x, s, student),
+                lambda x, s: session.predict_x0(x, s, teacher),
+                noise.to(session.device),
+                sigmas.to(session.device),
+            )
+            to_vae = lambda latent: session.to_vae_space(latent).float().cpu()  # noqa: E731
+            latents = [(to_vae(s.state), to_vae(s.student_x0), to_vae(s.teacher_x0)) for s in steps]
+        target = item.image[..., :3].cpu()
+        panels = []
+        for _, student_x0, teacher_x0 in latents:
+            student_image, teacher_image = vae.decode(student_x0), vae.decode(teacher_x0)
+            height, width = student_image.shape[1:3]
+            resized_target = torch.nn.functional.interpolate(
+                target.movedim(-1, 1), size=(height, width), mode="bilinear", align_corners=False
+            ).movedim(1, -1)
+            panels.append(torch.cat([student_image[:1], teacher_image[:1], resized_target], dim=2))
+        return io.NodeOutput(torch.cat(panels), {"samples": torch.cat([state for state, _, _ in latents])})

@@ -1,0 +1,218 @@
+"""DOPSDTrain: D-OPSD (or plain SFT) LoRA training on any flow MODEL, through dopsd_core."""
+from __future__ import annotations
+
+import json
+import logging
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from ..dopsd_core import (
+    DualLora,
+    LoraSpec,
+    TrainConfig,
+    Trainer,
+    TrainingCancelled,
+    TrainingItem,
+    TrainingPair,
+    latest_checkpoint,
+    rollout,
+    validate_sigmas,
+)
+from .conditioning import TRAINING_SET, EncodedItem
+from .errors import node_error
+from .families import AUTO, lora_targets, transformer_blocks
+from .lora_io import TrainedLora, apply_lora, comfy_lora_tensors
+from .model_bridge import ModelSession, make_weights_autograd_safe, model_session, require_flow_model
+from .user_paths import resolve_inside
+
+OBJECTIVES = {"D-OPSD": "dopsd", "SFT": "sft"}
+LORA_DTYPE = torch.bfloat16
+PREVIEW_SEED = 0
+
+
+def base_model_name(model) -> str:
+    return model.model_options.get("dopsd_base_model") or f"{type(model.model.model_config).__name__} (stock loader)"
+
+
+class DOPSDTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        defaults = TrainConfig()
+        spec = LoraSpec()
+        return io.Schema(
+            node_id="DOPSDTrain",
+            display_name="Train LoRA with D-OPSD",
+            category="D-OPSD",
+            description=(
+                "On-policy self-distillation: the model rolls out its own few-step trajectory from the prompt alone "
+                "(student) and is pulled, at every state, toward its own prediction given the prompt plus the target "
+                "image (teacher, an EMA of the student). Keeps the few-step ability that plain fine-tuning loses. "
+                "'SFT' trains the usual way on the same data, for comparison."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The step-distilled model. It is left unchanged."),
+                TRAINING_SET.Input("training_set"),
+                io.Sigmas.Input("training_sigmas", tooltip="The roll-out schedule; must end at 0."),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default="D-OPSD"),
+                io.Int.Input("steps", default=defaults.steps, min=1, max=1_000_000,
+                             tooltip="Optimizer steps in total (also when resuming)."),
+                io.Float.Input("learning_rate", default=defaults.learning_rate, min=0.0, max=1.0, step=1e-6,
+                               round=False, tooltip="AdamW; 1e-4 for Z-Image / klein 4B, 2e-5 for klein 9B."),
+                io.Int.Input("rank", default=spec.rank, min=1, max=1024),
+                io.Float.Input("alpha", default=spec.alpha, min=0.0, max=4096.0, step=1.0),
+                io.Float.Input("ema_decay", default=defaults.ema_decay, min=0.0, max=1.0, step=1e-5, round=False,
+                               tooltip="The teacher adapter follows the student as an EMA with this decay."),
+                io.Combo.Input("loss_space", options=["x0", "velocity"], default=defaults.loss_space),
+                io.Int.Input("gradient_accumulation", default=defaults.gradient_accumulation, min=1, max=1024),
+                io.Int.Input("warmup_steps", default=defaults.warmup_steps, min=0, max=100_000),
+                io.Int.Input("seed", default=defaults.seed, min=0, max=2**63 - 1),
+                io.String.Input("lora_targets", default=AUTO,
+                                tooltip="'auto' (attention and feed-forward of every block) or a regex over module names."),
+                io.Boolean.Input("gradient_checkpointing", default=True),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000,
+                             tooltip="Save a resumable checkpoint every N steps (0: off)."),
+                io.String.Input("checkpoint_folder", default="dopsd/checkpoints/my_concept",
+                                tooltip="Inside ComfyUI's output folder."),
+                io.Boolean.Input("resume", default=False, tooltip="Continue from the newest checkpoint in the folder."),
+                io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
+                             tooltip="Every N steps, roll out the student for the first pair and show it (0: at the end only)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA applied."),
+                io.LoraModel.Output(display_name="lora"),
+                io.LossMap.Output(display_name="loss"),
+                io.Latent.Output(display_name="previews", tooltip="The student's few-step result during training."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, training_set, training_sigmas, objective, steps, learning_rate, rank, alpha, ema_decay,
+                loss_space, gradient_accumulation, warmup_steps, seed, lora_targets, gradient_checkpointing,
+                checkpoint_every, checkpoint_folder, resume, preview_every) -> io.NodeOutput:
+        require_flow_model(model, cls)
+        try:
+            sigmas = validate_sigmas(training_sigmas)
+        except ValueError as err:
+            raise node_error(cls, f"training_sigmas: {err}", "connect a schedule such as the loader's training_sigmas") from err
+        if not training_set:
+            raise node_error(cls, "the training set is empty", "connect a teacher-context node fed by a dataset")
+        targets = lora_targets_for(model, lora_targets, cls)
+        checkpoint_dir = None
+        if checkpoint_every > 0 or resume:
+            checkpoint_dir = resolve_inside(folder_paths.get_output_directory(), checkpoint_folder, cls, "checkpoint folder")
+        config = TrainConfig(
+            objective=OBJECTIVES[objective], steps=steps, learning_rate=learning_rate, ema_decay=ema_decay,
+            loss_space=loss_space, gradient_accumulation=gradient_accumulation, warmup_steps=warmup_steps,
+            seed=seed, checkpoint_every=checkpoint_every, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        )
+        with torch.inference_mode(False), torch.enable_grad():
+            lora, losses, previews = train(model, training_set, sigmas, config, LoraSpec(rank, alpha, targets, seed=seed),
+                                           gradient_checkpointing, resume, preview_every)
+        metadata = {
+            "dopsd.method": objective, "dopsd.base_model": base_model_name(model), "dopsd.steps": str(steps),
+            "dopsd.rank": str(rank), "dopsd.alpha": str(alpha), "dopsd.lora_targets": targets,
+            "dopsd.training_sigmas": json.dumps([round(s, 6) for s in sigmas.tolist()]),
+            "dopsd.learning_rate": str(learning_rate), "dopsd.ema_decay": str(ema_decay),
+            "dopsd.loss_space": loss_space, "dopsd.images": str(len(training_set)),
+        }
+        trained = TrainedLora(lora, metadata)
+        return io.NodeOutput(apply_lora(model, trained), trained, {"loss": losses}, {"samples": previews})
+
+
+def lora_targets_for(model, requested: str, node) -> str:
+    targets = lora_targets(model.model.diffusion_model, requested)
+    if targets is None:
+        raise node_error(node, f"no default LoRA targets for a {type(model.model.diffusion_model).__name__} model",
+                         "type a regex over its linear-layer names in lora_targets (e.g. '.*attn.*')")
+    return targets
+
+
+def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,
+          gradient_checkpointing: bool, resume: bool, preview_every: int):
+    """Run the trainer inside a loaded model session; the adapters are always removed again, also on error."""
+    latent_shape = tuple(training_set[0].latent.shape)
+    diffusion_model = model.model.diffusion_model
+    with model_session(model, latent_shape, training=True) as session:
+        make_weights_autograd_safe(diffusion_model)
+        items = [to_training_item(session, item) for item in training_set]
+        try:
+            adapters = DualLora(diffusion_model, spec)
+        except ValueError as err:
+            raise node_error(DOPSDTrain, f"lora_targets: {err}", "use 'auto' or a regex that matches linear layers") from err
+        with adapters:
+            trainer = Trainer(session.predict_x0, adapters, items, sigmas.to(session.device), config, session.device,
+                              checkpointed_modules=transformer_blocks(diffusion_model) if gradient_checkpointing else ())
+            if resume:
+                resume_from_latest(trainer, config.checkpoint_dir)
+            losses, previews = [], []
+            progress = comfy.utils.ProgressBar(config.steps)
+            progress.update_absolute(trainer.step)
+            previewer = latent_preview.get_previewer(session.device, model.model.latent_format)
+            preview = StudentPreview(session, items[0], sigmas, adapters)
+
+            def on_step(report):
+                losses.append(report.loss)
+                shown = None
+                if preview_every and report.step % preview_every == 0:
+                    latent = preview.render()
+                    previews.append(session.to_vae_space(latent).float().cpu())
+                    if previewer is not None:
+                        shown = previewer.decode_latent_to_preview_image("JPEG", latent)
+                progress.update_absolute(report.step, config.steps, shown)
+                logging.info("DOPSDTrain step %d/%d loss %.5f grad-norm %.3f", report.step, config.steps,
+                             report.loss, report.grad_norm)
+
+            try:
+                trainer.train(on_step=on_step, should_cancel=comfy.model_management.processing_interrupted)
+            except TrainingCancelled:
+                logging.info("DOPSDTrain cancelled after %d completed steps; the model is unchanged", trainer.step)
+                raise comfy.model_management.InterruptProcessingException()
+            if config.checkpoint_every > 0 and trainer.step % config.checkpoint_every != 0:
+                trainer.save_checkpoint()
+            if not previews or preview_every == 0:
+                previews.append(session.to_vae_space(preview.render()).float().cpu())
+            lora = comfy_lora_tensors(adapters.student_state(), LORA_DTYPE)
+    return lora, losses, torch.cat(previews).cpu()
+
+
+def to_training_item(session: ModelSession, item: EncodedItem) -> TrainingItem:
+    shape = tuple(item.latent.shape)
+    return TrainingItem(
+        variants=[TrainingPair(session.prepare(p.student, shape), session.prepare(p.teacher, shape)) for p in item.pairs],
+        latent_shape=shape,
+        target_latent=session.to_model_space(item.latent),
+    )
+
+
+def resume_from_latest(trainer: Trainer, folder: str) -> None:
+    checkpoint = latest_checkpoint(folder)
+    if checkpoint is None:
+        logging.info("DOPSDTrain: no checkpoint in %s yet; starting from step 0", folder)
+        return
+    try:
+        trainer.resume(checkpoint)
+    except (ValueError, KeyError) as err:
+        raise node_error(DOPSDTrain, f"the checkpoint {checkpoint} does not fit this run ({err})",
+                         "use the rank, alpha and LoRA targets it was trained with, or another checkpoint_folder") from err
+    logging.info("DOPSDTrain: resumed from %s at step %d", checkpoint, trainer.step)
+
+
+class StudentPreview:
+    """The student's few-step result for one pair, from fixed noise, so previews are comparable over training."""
+
+    def __init__(self, session: ModelSession, item: TrainingItem, sigmas, adapters: DualLora):
+        self.session, self.cond, self.adapters = session, item.variants[0].student_cond, adapters
+        self.sigmas = sigmas.to(session.device)
+        generator = torch.Generator().manual_seed(PREVIEW_SEED)
+        self.noise = torch.randn(item.batched_shape, generator=generator).to(session.device)
+
+    @torch.no_grad()
+    def render(self) -> torch.Tensor:
+        """The roll-out's final latent, in the model's latent space."""
+        with self.adapters.use("student"):
+            return rollout(lambda x, s: self.session.predict_x0(x, s, self.cond), self.noise, self.sigmas)

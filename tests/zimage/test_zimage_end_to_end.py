@@ -1,0 +1,99 @@
+"""Z-Image fine-tune-then-generate through ComfyUI's executor, on tiny real-architecture checkpoints."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import safetensors
+import torch
+
+from tests.harness.graph import Graph
+from tests.zimage.zimage_graphs import fine_tune_then_generate, load_family, train, training_set
+
+LORA_NAME = "dopsd/e2e_fox"
+SAMPLE_SEED = 11
+
+
+def sample(comfy, model, prompt: str = "a photo of sks fox") -> torch.Tensor:
+    """8-step generation with ComfyUI's own KSampler function, from fixed noise."""
+    clip = comfy.nodes.CLIPLoader().load_clip("qwen_3_4b.safetensors", "lumina2")[0]
+    positive = comfy.nodes.CLIPTextEncode().encode(clip, prompt)[0]
+    latent = {"samples": torch.zeros(1, 16, 8, 8)}
+    with torch.inference_mode():
+        (out,) = comfy.nodes.common_ksampler(model, SAMPLE_SEED, 8, 1.0, "euler", "simple", positive, positive, latent)
+    return out["samples"].clone()
+
+
+@pytest.fixture(scope="module")
+def workflow_run(comfy, concept_folder):
+    graph, ids = fine_tune_then_generate(concept_folder, LORA_NAME)
+    run = comfy.run(graph)
+    assert run.success, run.error or run.node_errors
+    return run, ids
+
+
+def test_workflow_graph_trains_saves_and_generates(workflow_run, comfy_base):
+    run, ids = workflow_run
+    lora_file = comfy_base / "models" / "loras" / f"{LORA_NAME}.safetensors"
+    with safetensors.safe_open(str(lora_file), "pt") as f:
+        metadata, keys = f.metadata(), list(f.keys())
+    assert metadata["dopsd.method"] == "D-OPSD"
+    assert metadata["dopsd.base_model"] == "z_image_turbo_bf16.safetensors"
+    assert metadata["dopsd.steps"] == "3" and metadata["dopsd.rank"] == "4"
+    assert metadata["dopsd.training_sigmas"] == "[1.0, 0.9, 0.75, 0.5, 0.0]"
+    assert any(k.endswith("layers.0.attention.qkv.lora_down.weight") for k in keys)
+    assert all(k.startswith("diffusion_model.") for k in keys)
+
+    [first_item, *_] = run.output(ids["pairs"])[0]
+    assert first_item.latent.shape == (1, 16, 6, 10), "96x64 images go to the 80x48 bucket at 4096 pixels"
+    model, lora, loss, previews = run.output(ids["train"])
+    assert len(loss["loss"]) == 3 and all(math.isfinite(v) for v in loss["loss"])
+    assert previews["samples"].shape == first_item.latent.shape
+
+    panels = run.output(ids["preview"])[0]
+    assert panels.shape == (4, 48, 3 * 80, 3), "one student|teacher|target row per roll-out step"
+    student, teacher = panels[..., :80, :], panels[..., 80:160, :]
+    assert not torch.equal(student, teacher), "the teacher context does not change the prediction"
+
+    saved_images = [img for node in run.ui_outputs.values() for img in node.get("images", [])]
+    assert any(img["filename"].startswith("dopsd_tuned") for img in saved_images)
+    assert run.ui_outputs[ids["loss_graph"]]["images"], "the native loss graph got no LOSS_MAP it can plot"
+
+
+def test_stock_lora_loader_reproduces_the_trained_model(workflow_run, comfy):
+    run, ids = workflow_run
+    trained_model = run.output(ids["train"])[0]
+    base_model = run.output(ids["loader"])[0]
+    stock = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(base_model, f"{LORA_NAME}.safetensors", 1.0)[0]
+    trained, reloaded, base = sample(comfy, trained_model), sample(comfy, stock), sample(comfy, base_model)
+    # Same tensors through the same comfy.lora path: the tolerance is exact equality.
+    assert torch.equal(trained, reloaded)
+    assert (trained - base).abs().max() > 1e-4, "the LoRA has no effect"
+
+
+def test_input_model_is_unchanged_by_training_cancel_and_failure(workflow_run, comfy, concept_folder):
+    run, ids = workflow_run
+    base_model = run.output(ids["loader"])[0]
+    before = sample(comfy, base_model)
+
+    g = Graph()
+    loader = load_family(g)
+    cancelled = train(g, loader, training_set(g, loader, concept_folder), steps=50, seed=5)
+    g.node("LossGraphNode", loss=cancelled.out(2), filename_prefix="cancelled")
+    comfy.interrupt_at_progress = 1
+    cancel_run = comfy.run(g.to_api())
+    assert not cancel_run.success and cancel_run.error["event"] == "execution_interrupted"
+    assert cancel_run.error["node_type"] == "DOPSDTrain"
+    progress = [m for e, m in comfy.server.messages if e == "progress"]
+    assert max(p["value"] for p in progress) < 50, "training ran on after the interrupt"
+
+    g = Graph()
+    loader = load_family(g)
+    failing = train(g, loader, training_set(g, loader, concept_folder), lora_targets=r"no_such_layer\.\d+")
+    g.node("LossGraphNode", loss=failing.out(2), filename_prefix="failing")
+    failed_run = comfy.run(g.to_api())
+    assert not failed_run.success and "lora_targets" in failed_run.error["exception_message"]
+
+    assert torch.equal(sample(comfy, base_model), before)
+    assert not any("lora_" in name for name, _ in base_model.model.diffusion_model.named_modules())
