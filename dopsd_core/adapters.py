@@ -32,6 +32,7 @@ class LoraSpec:
     a regex that must match the whole name, or a list of name suffixes at a ``.`` boundary.
     ``init``: "default" is Kaiming-uniform ``down`` and zero ``up``; "gaussian" draws ``down``
     from N(0, 1/rank). Both start as the identity edit. ``seed`` makes ``down`` reproducible.
+    ``dropout`` acts on the adapter input only while the adapted model is in train mode.
     """
 
     rank: int = 64

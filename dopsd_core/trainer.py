@@ -279,6 +279,7 @@ class Trainer:
             with self._autocast():
                 student_x0 = self.denoiser(x, sigma, pair.student_cond)
             loss = distillation_loss(self.config.loss_space, student_x0, teacher_x0, x, append_dims(sigma, x.ndim))
+            # Still under the student adapter, which gradient checkpointing's recomputation relies on.
             (loss * loss_scale).backward()
             losses.append(loss.detach())
             return student_x0

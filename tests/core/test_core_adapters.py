@@ -31,6 +31,18 @@ def test_adapts_linear_subclasses_and_applies_the_documented_update():
     assert all(p.dtype == torch.float32 for p in adapters.student_parameters())
 
 
+def test_bf16_base_model_gets_float32_adapters_that_train():
+    torch.manual_seed(0)
+    model = nn.Sequential(CastLinear(6, 5), nn.GELU(), CastLinear(5, 3)).bfloat16()
+    adapters = DualLora(model, LoraSpec(rank=2, alpha=4.0, target_modules=["0", "2"]))
+    adapters.load_state(random_adapter_state(adapters, seed=1))
+    out = model(torch.randn(7, 6, dtype=torch.bfloat16))
+    out.float().square().mean().backward()
+    assert out.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in adapters.student_parameters())
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
 def test_target_selection_by_regex_or_suffix():
     model = ToyDiT()
     assert find_target_modules(model, LORA_TARGETS) == [
