@@ -31,7 +31,8 @@ class LoraSpec:
     ``target_modules`` selects linear layers (``nn.Linear`` or subclasses) by qualified name:
     a regex that must match the whole name, or a list of name suffixes at a ``.`` boundary.
     ``init``: "default" is Kaiming-uniform ``down`` and zero ``up``; "gaussian" draws ``down``
-    from N(0, 1/rank). Both start as the identity edit. ``seed`` makes ``down`` reproducible.
+    from a normal with standard deviation 1/rank. Both start as the identity edit. ``seed``
+    makes ``down`` reproducible (peft creates it in the base dtype, so it is rounded to that).
     ``dropout`` acts on the adapter input only while the adapted model is in train mode.
     """
 
@@ -160,25 +161,33 @@ class DualLora:
 
     @torch.no_grad()
     def load_state(self, student: AdapterState, teacher: AdapterState | None = None) -> None:
-        """Overwrite the adapters; the teacher copies the student when ``teacher`` is None."""
-        for role, state in (("student", student), ("teacher", student if teacher is None else teacher)):
-            missing = set(self.module_names) - state.keys()
-            unexpected = state.keys() - set(self.module_names)
-            if missing or unexpected:
-                raise ValueError(
-                    f"{role} state does not fit the adapted layers: "
-                    f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-                )
+        """Overwrite the adapters; the teacher copies the student when ``teacher`` is None.
+        Nothing is changed unless both states fit."""
+        states = {"student": student, "teacher": student if teacher is None else teacher}
+        for role, state in states.items():
+            self._check_fits(role, state)
+        for role, state in states.items():
             for name, layer in zip(self.module_names, self._layers):
-                entry = state[name]
-                if float(entry["alpha"]) != float(layer.lora_alpha[role]):
-                    raise ValueError(f"{role} state for {name} has alpha {entry['alpha']}, expected {layer.lora_alpha[role]}")
-                for key, weight in (("down", layer.lora_A[role].weight), ("up", layer.lora_B[role].weight)):
-                    if entry[key].shape != weight.shape:
-                        raise ValueError(
-                            f"{role} state for {name}.{key} has shape {tuple(entry[key].shape)}, expected {tuple(weight.shape)}"
-                        )
-                    weight.copy_(entry[key])
+                layer.lora_A[role].weight.copy_(state[name]["down"])
+                layer.lora_B[role].weight.copy_(state[name]["up"])
+
+    def _check_fits(self, role: Role, state: AdapterState) -> None:
+        missing, unexpected = set(self.module_names) - state.keys(), state.keys() - set(self.module_names)
+        if missing or unexpected:
+            raise ValueError(
+                f"{role} state does not fit the adapted layers: "
+                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        for name, layer in zip(self.module_names, self._layers):
+            entry, alpha = state[name], float(layer.lora_alpha[role])
+            if float(entry["alpha"]) != alpha:
+                raise ValueError(f"{role} state for {name} has alpha {entry['alpha']}, expected {alpha}")
+            for key, weight in (("down", layer.lora_A[role].weight), ("up", layer.lora_B[role].weight)):
+                if entry[key].shape != weight.shape:
+                    raise ValueError(
+                        f"{role} state for {name}.{key} has shape {tuple(entry[key].shape)}, "
+                        f"expected {tuple(weight.shape)}"
+                    )
 
     def remove(self) -> None:
         """Put the original modules back and restore their ``requires_grad`` flags."""

@@ -124,6 +124,9 @@ def test_states_are_detached_copies_and_load_checks_their_fit():
         adapters.load_state({k: {**v, "alpha": 1.0} for k, v in state.items()})
     with pytest.raises(ValueError, match="shape"):
         adapters.load_state({k: {**v, "down": v["down"][:2]} for k, v in state.items()})
+    with pytest.raises(ValueError, match="teacher state"):
+        adapters.load_state(random_adapter_state(adapters, seed=3), {})
+    assert torch.equal(adapters.student_state()["blocks.0.q"]["up"], state["blocks.0.q"]["up"]), "nothing loaded"
 
 
 def test_init_is_reproducible_from_the_spec_seed():

@@ -4,6 +4,7 @@ import torch
 from dopsd_core import (
     DualLora,
     LoraSpec,
+    append_dims,
     Trainer,
     TrainConfig,
     TrainingCancelled,
@@ -130,19 +131,21 @@ def test_sft_lowers_the_flow_matching_loss(in_context_weights):
     generator = torch.Generator().manual_seed(7)
     noise = torch.randn(8, 4, 8, 8, generator=generator)
     sigma = torch.linspace(0.1, 1.0, 8)
-    x = noise_latent(target, noise, sigma[:, None, None, None])
+    x = noise_latent(target, noise, append_dims(sigma, 4))
     prompt = pair.student_cond.prompt.expand(8, -1)
 
     def evaluate():
         with torch.no_grad():
-            return flow_matching_loss(model(x, sigma, ToyCond(prompt)), target, noise, x, sigma[:, None, None, None]).item()
+            predicted_x0 = model(x, sigma, ToyCond(prompt))
+        return flow_matching_loss(predicted_x0, target, noise, x, append_dims(sigma, 4)).item()
 
     loss_before = evaluate()
     config = TrainConfig(objective="sft", learning_rate=3e-3, gradient_accumulation=2)
     item = TrainingItem([pair], (4, 8, 8), target_latent=target[0])
     reports = Trainer(model, adapters, [item], SIGMAS, config).train(40)
     loss_after = evaluate()
-    print(f"\nSFT toy, 40 steps: flow-matching loss {loss_before:.4f} -> {loss_after:.4f} (x{loss_after / loss_before:.3f})")
+    print(f"\nSFT toy, 40 steps: flow-matching loss {loss_before:.4f} -> {loss_after:.4f} "
+          f"(x{loss_after / loss_before:.3f})")
     assert all(len(report.per_step_losses) == 1 for report in reports)
     assert loss_after < 0.5 * loss_before
 
@@ -162,6 +165,12 @@ def test_training_is_deterministic_under_the_seed():
     assert losses[0] != losses[2]
     for a, b in zip(runs[0].adapters.student_parameters(), runs[1].adapters.student_parameters()):
         assert torch.equal(a, b)
+
+
+def test_velocity_loss_space_weights_each_rollout_step_by_one_over_sigma_squared():
+    x0_space = make_trainer().accumulate_gradients()
+    velocity_space = make_trainer(loss_space="velocity").accumulate_gradients()
+    torch.testing.assert_close(velocity_space, x0_space / SIGMAS[:-1] ** 2)
 
 
 def test_reports_and_learning_rate_warmup():
@@ -192,11 +201,13 @@ def test_cancel_mid_rollout_leaves_the_last_completed_step():
         trainer.train(1, should_cancel=cancel_on_third_poll)
     assert trainer.step == 1
     assert all(torch.equal(a, b) for a, b in zip(trainer.adapters.student_parameters(), after_one_step))
-    assert all(torch.equal(teacher_after_one_step[n]["up"], e["up"]) for n, e in trainer.adapters.teacher_state().items())
+    teacher = trainer.adapters.teacher_state()
+    assert all(torch.equal(teacher_after_one_step[n]["down"], e["down"]) for n, e in teacher.items())
     assert all(p.grad is None for p in trainer.adapters.student_parameters())
     # Nothing of the cancelled step remains: carrying on matches a run that was never interrupted.
     assert [r.loss for r in trainer.train(1)] == [r.loss for r in uninterrupted.train(2)][1:]
-    assert all(torch.equal(a, b) for a, b in zip(trainer.adapters.student_parameters(), uninterrupted.adapters.student_parameters()))
+    for a, b in zip(trainer.adapters.student_parameters(), uninterrupted.adapters.student_parameters()):
+        assert torch.equal(a, b)
 
 
 def test_gradient_checkpointing_recomputes_blocks_with_the_same_result(monkeypatch):
