@@ -63,6 +63,7 @@ def save_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
     os.close(fd)
     try:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files; a LoRA is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,13 +1,10 @@
 """Fixtures that run the pack inside the real ComfyUI runtime, on tiny checkpoints of the real architectures."""
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
-from PIL import Image
 
 # Imported before ComfyUI is put first on sys.path: ComfyUI ships a `tests` package of its own.
+from tests.fixtures.tiny_dataset import write_concept_images
 from tests.fixtures.tiny_models import write_tiny_models
 from tests.fixtures.tiny_vlm import write_tiny_vision_towers
 from tests.harness.comfy_runtime import ComfyRuntime
@@ -38,24 +35,6 @@ def comfy_server(comfy_base, tmp_path):
         yield server.wait_ready()
     finally:
         server.stop()
-
-
-def write_concept_images(folder: Path, count: int = 2, size: tuple[int, int] = (96, 64)) -> list[Path]:
-    """Small synthetic images (a colored disc on a gradient) with same-name captions using the placeholder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(len(str(folder)))
-    paths = []
-    for index in range(count):
-        w, h = size
-        yy, xx = np.mgrid[0:h, 0:w]
-        image = np.stack([xx / w, yy / h, np.full_like(xx, 0.3, dtype=float)], -1)
-        disc = (xx - w * (0.3 + 0.4 * index / max(1, count - 1))) ** 2 + (yy - h / 2) ** 2 < (h / 4) ** 2
-        image[disc] = rng.uniform(0.2, 1.0, 3)
-        path = folder / f"concept_{index}.png"
-        Image.fromarray((image * 255).astype(np.uint8)).save(path)
-        path.with_suffix(".txt").write_text(f"a photo of [trigger] number {index}\n[trigger] on a gradient background\n")
-        paths.append(path)
-    return paths
 
 
 @pytest.fixture(scope="session")

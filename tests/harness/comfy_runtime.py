@@ -139,3 +139,11 @@ class ComfyRuntime:
 
     def node_class(self, class_type: str):
         return self.nodes.NODE_CLASS_MAPPINGS[class_type]
+
+    def object_info(self, class_type: str) -> dict:
+        """The node's /object_info entry, computed as the server computes it."""
+        cls = self.node_class(class_type)
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            return cls.GET_NODE_INFO_V1()
+        inputs = cls.INPUT_TYPES()
+        return {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()}}

@@ -1,0 +1,41 @@
+"""The shipped Z-Image workflow file: up to date with the nodes, and runnable as the README's main job does."""
+from __future__ import annotations
+
+import json
+import sys
+
+import safetensors
+
+from tests.harness.example_job import TINY_SETTINGS, WORKFLOW, example_graph, prepare_base, run_example
+from tests.harness.paths import REPO_ROOT
+
+
+def test_workflow_file_matches_the_node_definitions(comfy):
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import make_workflows
+
+    regenerated = make_workflows.build(make_workflows.zimage_workflow(), comfy.nodes.NODE_CLASS_MAPPINGS)
+    assert json.loads(WORKFLOW.read_text()) == regenerated, "run scripts/make_workflows.py after changing nodes"
+
+
+def test_converted_workflow_has_every_active_node_and_no_muted_one(comfy):
+    workflow = json.loads(WORKFLOW.read_text())
+    graph = example_graph(comfy)
+    active = {str(n["id"]) for n in workflow["nodes"] if n["mode"] == 0 and n["type"] != "MarkdownNote"}
+    assert set(graph) == active
+    assert "LoraLoaderModelOnly" not in {n["class_type"] for n in graph.values()}
+    train = next(n for n in graph.values() if n["class_type"] == "DOPSDTrain")
+    assert train["inputs"]["objective"] == "D-OPSD" and train["inputs"]["ema_decay"] == 0.9999
+    assert train["inputs"]["steps"] == TINY_SETTINGS["DOPSDTrain"]["steps"]
+
+
+def test_example_job_writes_lora_images_and_loss_curve(comfy, comfy_base, tmp_path):
+    prepare_base(comfy_base)
+    result = run_example(comfy, tmp_path / "results")
+    with safetensors.safe_open(str(result.lora_file), "pt") as f:
+        assert f.metadata()["dopsd.steps"] == str(TINY_SETTINGS["DOPSDTrain"]["steps"])
+    assert len(result.losses) == TINY_SETTINGS["DOPSDTrain"]["steps"]
+    assert result.loss_curve.stat().st_size > 0
+    assert any(p.name.startswith("SaveImage") for p in result.images)
+    checkpoints = sorted((comfy_base / "output" / "dopsd" / "checkpoints" / "my_concept").iterdir())
+    assert [c.name for c in checkpoints] == ["step_000006", "step_000012"]
