@@ -6,6 +6,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/provision.sh"
 cd "$ROOT"
 paths=()
-for arg in "$@"; do [[ "$arg" == -* ]] || paths+=("$arg"); done
+for arg in "$@"; do [ -e "${arg%%::*}" ] && paths+=("$arg"); done
 [ ${#paths[@]} -gt 0 ] || set -- "$@" tests
 exec "${DOPSD_VENV:-$ROOT/.venv}/bin/python" -m pytest -c tests/pytest.ini --rootdir tests "$@"

@@ -24,8 +24,9 @@ def training_set(g: Graph, loader: NodeRef, folder: str, vision: str = MATCHING_
 
 
 def train(g: Graph, loader: NodeRef, pairs: NodeRef, **overrides) -> NodeRef:
-    return g.node("DOPSDTrain", model=loader.out(0), training_set=pairs, training_sigmas=loader.out(4),
-                  **{**TRAIN_DEFAULTS, **overrides})
+    """DOPSDTrain on the loader's model and training schedule; `overrides` may replace any input, links included."""
+    inputs = {"model": loader.out(0), "training_set": pairs, "training_sigmas": loader.out(4), **TRAIN_DEFAULTS}
+    return g.node("DOPSDTrain", **{**inputs, **overrides})
 
 
 def generate(g: Graph, model, clip, vae, prompt: str, prefix: str, seed: int = 7) -> NodeRef:
