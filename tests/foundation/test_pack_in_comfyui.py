@@ -53,6 +53,9 @@ def test_server_lists_pack_nodes_and_runs_stock_graph(comfy_server, comfy_base):
     assert loader["category"] == "D-OPSD"
     assert set(loader["output_name"]) >= {"MODEL", "CLIP", "VAE", "inference_sigmas", "training_sigmas"}
 
+    templates = comfy_server.get("/workflow_templates")
+    assert "zimage_turbo_dopsd_finetune_then_generate" in templates[PACK_DIR_NAME]
+
     reply = comfy_server.queue(stock_zimage_graph("a red fox in the snow", "served"))
     assert "prompt_id" in reply, reply
     entry = comfy_server.wait_history(reply["prompt_id"])
