@@ -80,9 +80,10 @@ def model_session(model, latent_shape, training: bool):
 
 
 def training_memory_estimate(model, latent_shape) -> int:
-    """Inference memory of one forward, times a margin for the activations autograd keeps for one backward."""
+    """ComfyUI's own estimate for one forward, times a margin for the activations autograd keeps for one backward."""
     activations_margin = 3
-    return int(model.memory_required(list(latent_shape)) * activations_margin)
+    memory_required, _ = comfy.sampler_helpers.estimate_memory(model, list(latent_shape), {})
+    return int(memory_required * activations_margin)
 
 
 def make_weights_autograd_safe(module: torch.nn.Module) -> None:
