@@ -4,6 +4,7 @@ Nothing here imports ComfyUI; the node layer adapts ComfyUI objects to these bui
 """
 
 from .adapters import ROLES, AdapterState, DualLora, LoraSpec, find_target_modules
+from .autograd_safety import allow_inplace_residuals
 from .checkpoints import Checkpoint, latest_checkpoint, load_adapter_state, load_checkpoint, save_adapter_state
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, distillation_loss, flow_matching_loss, velocity_loss, x0_loss
@@ -11,6 +12,7 @@ from .rollout import RolloutStep, append_dims, euler_step, noise_latent, rollout
 from .schedules import (
     ZIMAGE_TURBO_INFERENCE_SIGMAS_8,
     ZIMAGE_TURBO_TRAINING_SIGMAS_4,
+    flux2_image_tokens,
     flux2_klein_mu,
     flux2_klein_sigmas,
     validate_sigmas,
@@ -25,6 +27,7 @@ __all__ = [
     "DualLora",
     "LoraSpec",
     "find_target_modules",
+    "allow_inplace_residuals",
     "Checkpoint",
     "latest_checkpoint",
     "load_adapter_state",
@@ -44,6 +47,7 @@ __all__ = [
     "rollout_preview",
     "ZIMAGE_TURBO_INFERENCE_SIGMAS_8",
     "ZIMAGE_TURBO_TRAINING_SIGMAS_4",
+    "flux2_image_tokens",
     "flux2_klein_mu",
     "flux2_klein_sigmas",
     "validate_sigmas",

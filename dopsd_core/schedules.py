@@ -70,6 +70,14 @@ def flux2_klein_mu(image_tokens: int, steps: int) -> float:
     return slope * steps + (mu_200 - 200.0 * slope)
 
 
+def flux2_image_tokens(height_px: int, width_px: int) -> int:
+    """The packed image sequence length FLUX.2 schedules are keyed on: ``(height_px / 16) * (width_px / 16)``,
+    rounded to an integer as ComfyUI's Flux2Scheduler does for sizes that are not multiples of 16."""
+    if height_px <= 0 or width_px <= 0:
+        raise ValueError(f"image size must be positive, got {width_px}x{height_px} px")
+    return round(height_px * width_px / 256)
+
+
 def flux2_klein_sigmas(steps: int, image_tokens: int) -> Tensor:
     """FLUX.2 sampling schedule: ``t = linspace(1, 1/steps, steps)``, exponential time shift
     ``sigma = e^mu / (e^mu + (1/t - 1))`` with ``mu = flux2_klein_mu(image_tokens, steps)``, then 0.

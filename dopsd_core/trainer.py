@@ -54,11 +54,23 @@ class TrainingItem:
 
     ``latent_shape`` is the shape of the state handed to the denoiser; a 3-entry ``(C, H, W)``
     gets a batch dimension of 1. ``target_latent`` is the image's clean latent, needed for SFT.
+    ``sigmas``, when given, is this item's own roll-out schedule (e.g. a resolution-dependent
+    one, since aspect buckets differ in size); otherwise the trainer's schedule is used. It is
+    validated and stored as float32.
     """
 
     variants: Sequence[TrainingPair]
     latent_shape: tuple[int, ...]
     target_latent: Tensor | None = None
+    sigmas: Tensor | None = None
+
+    def __post_init__(self):
+        if self.sigmas is not None:
+            try:
+                sigmas = validate_sigmas(self.sigmas)
+            except ValueError as err:
+                raise ValueError(f"TrainingItem sigmas: {err}") from err
+            object.__setattr__(self, "sigmas", sigmas)
 
     @property
     def batched_shape(self) -> tuple[int, ...]:
@@ -162,6 +174,13 @@ class Trainer:
         self.denoiser, self.adapters, self.items, self.config = denoiser, adapters, list(items), config
         self.device = torch.device(device)
         self.sigmas = validate_sigmas(sigmas).to(self.device)
+        for index, item in enumerate(items):
+            # Per-step losses are averaged over micro-steps, so every schedule has the same step count.
+            if item.sigmas is not None and len(item.sigmas) != len(self.sigmas):
+                raise ValueError(
+                    f"item {index}: its own sigmas have {len(item.sigmas) - 1} steps but the trainer's have "
+                    f"{len(self.sigmas) - 1}; per-item schedules must keep the step count"
+                )
         self.checkpointed_modules = list(checkpointed_modules)
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -265,10 +284,15 @@ class Trainer:
             seconds=time.perf_counter() - start,
         )
 
+    def schedule_for(self, item: TrainingItem) -> Tensor:
+        """The roll-out schedule of ``item``: its own ``sigmas`` if set, else the trainer's."""
+        return self.sigmas if item.sigmas is None else item.sigmas.to(self.device)
+
     def _dopsd_micro_step(self, should_cancel: Callable[[], bool]) -> Tensor:
         item, pair = self._draw_example()
         noise = self._draw_noise(item.batched_shape)
-        loss_scale = 1.0 / ((len(self.sigmas) - 1) * self.config.gradient_accumulation)
+        sigmas = self.schedule_for(item)
+        loss_scale = 1.0 / ((len(sigmas) - 1) * self.config.gradient_accumulation)
         losses = []
 
         def train_on_state(x: Tensor, sigma: Tensor) -> Tensor:
@@ -284,7 +308,7 @@ class Trainer:
             losses.append(loss.detach())
             return student_x0
 
-        rollout(train_on_state, noise, self.sigmas)
+        rollout(train_on_state, noise, sigmas)
         return torch.stack(losses)
 
     def _sft_micro_step(self, should_cancel: Callable[[], bool]) -> Tensor:

@@ -88,3 +88,19 @@ def test_validate_sigmas_explains_what_is_wrong(sigmas, message):
 def test_validate_sigmas_accepts_sequences_and_returns_float32():
     sigmas = validate_sigmas([0.8, 0.3, 0.0])
     assert sigmas.dtype == torch.float32 and sigmas.tolist() == pytest.approx([0.8, 0.3, 0.0])
+
+
+@pytest.mark.parametrize(
+    "tokens, expected",
+    [
+        # 40-digit decimal evaluation of DESIGN.md's formula (mu at 4 steps, t = 1, 3/4, 1/2, 1/4, then 0).
+        (256, [1.0, 0.95539076140, 0.87713418512, 0.70411167555, 0.0]),  # 256x256 px
+        (1024, [1.0, 0.95808537163, 0.88398183170, 0.71749655870, 0.0]),  # 512x512 px
+        (4032, [1.0, 0.96721232323, 0.90769021639, 0.76622929548, 0.0]),  # 768x1344 px, a ~1 MP bucket
+        (4300, [1.0, 0.96792539319, 0.90957675935, 0.77027519983, 0.0]),  # last token count of the step-dependent line
+        (4301, [1.0, 0.90748524978, 0.76579127308, 0.52150787984, 0.0]),  # first of the 200-step line: a jump
+        (8192, [1.0, 0.94988110725, 0.86334165193, 0.67802586312, 0.0]),  # 1024x2048 px
+    ],
+)
+def test_flux2_klein_4_step_sigmas_at_several_image_sizes(tokens, expected):
+    torch.testing.assert_close(flux2_klein_sigmas(4, tokens), torch.tensor(expected), atol=1e-7, rtol=0)

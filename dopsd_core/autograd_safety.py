@@ -1,0 +1,64 @@
+"""Training through model code written for inference.
+
+Diffusion transformers written for sampling may update the residual stream in place, ``x += gate * f(norm(x))``
+(ComfyUI's FLUX double- and single-stream blocks do, on the very tensors they receive as arguments). Autograd
+refuses to backpropagate through that ("one of the variables needed for gradient computation has been modified
+by an inplace operation") in two places:
+
+* LayerNorm saves its input for backward, and the in-place add then changes it;
+* gradient checkpointing saves each block's inputs for the recomputation, and the block then changes them.
+
+While training, each block therefore works on copies of the tensors it is given, and each LayerNorm inside a
+block normalizes a copy of its input. Values are unchanged; the cost is one copy of the residual stream per
+block call and per norm call, of which only the norms' copies are kept for backward (in place of the input
+LayerNorm would have kept anyway).
+"""
+
+import functools
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import nn
+
+
+def _normalize_a_copy(_module: nn.Module, args: tuple):
+    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and torch.is_grad_enabled():
+        return (args[0].clone(), *args[1:])
+    return None
+
+
+def _on_copies(forward, *args, **kwargs):
+    # Whether or not an argument requires grad yet: the block may turn it into one that does, in place.
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    copy = lambda v: v.clone() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+    return forward(*(copy(a) for a in args), **{k: copy(v) for k, v in kwargs.items()})
+
+
+@contextmanager
+def allow_inplace_residuals(blocks: Iterable[nn.Module], norm_types: tuple[type[nn.Module], ...] = (nn.LayerNorm,)
+                            ) -> Iterator[None]:
+    """While active, each of ``blocks`` receives copies of its floating-point tensor arguments while grad is
+    enabled, and each ``norm_types`` layer inside them normalizes a copy of its input while autograd records it
+    (grad enabled and the input requires grad); under ``no_grad`` nothing is copied.
+
+    Enter it before gradient checkpointing wraps the blocks, so the copies are made inside the checkpointed
+    function. Everything is restored on exit, also after an error.
+    """
+    with ExitStack() as stack:
+        for block in blocks:
+            own_forward = block.__dict__.get("forward")
+            block.forward = functools.partial(_on_copies, block.forward)
+            stack.callback(_restore_forward, block, own_forward)
+            for norm in block.modules():
+                if isinstance(norm, norm_types):
+                    stack.callback(norm.register_forward_pre_hook(_normalize_a_copy).remove)
+        yield
+
+
+def _restore_forward(module: nn.Module, own_forward) -> None:
+    if own_forward is None:
+        del module.forward
+    else:
+        module.forward = own_forward
