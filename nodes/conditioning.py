@@ -38,6 +38,7 @@ class EncodedItem:
     image: torch.Tensor  # [1, H, W, 3]
     latent: torch.Tensor  # the image VAE-encoded, [1, C, h, w] in the VAE's latent space
     pairs: tuple[EncodedPair, ...]
+    sigmas: torch.Tensor | None = None  # this image's own roll-out schedule; None: the training_sigmas
 
 
 def truncate_tokens(conditioning: list, max_tokens: int) -> list:

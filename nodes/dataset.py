@@ -24,8 +24,22 @@ DATASET = io.Custom("DOPSD_DATASET")
 @dataclass(frozen=True)
 class DatasetItem:
     name: str
-    image: torch.Tensor  # [1, H, W, 3] in 0..1, already at its bucket size
-    prompts: tuple[str, ...]  # prompt variants; one is drawn per training step
+    image: torch.Tensor  # [1, H, W, 3] in 0..1, already at its bucket size; for an edit triple, the target
+    prompts: tuple[str, ...]  # prompt variants (edit instructions for a triple); one is drawn per training step
+    sources: tuple[torch.Tensor, ...] = ()  # an edit triple's source images, each [1, h, w, 3] at its own bucket
+
+    @property
+    def is_edit(self) -> bool:
+        return bool(self.sources)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One metadata line or caption file: the (target) image, an edit's source images, the prompt variants."""
+
+    image: Path
+    prompts: tuple[str, ...]
+    sources: tuple[Path, ...] = ()
 
 
 def apply_trigger(prompt: str, placeholder: str, trigger_word: str) -> str:
@@ -56,40 +70,71 @@ def resolve_dataset_folder(folder: str, allow_outside_input: bool, node) -> Path
     return path
 
 
-def read_pairs(folder: Path, node) -> list[tuple[Path, tuple[str, ...]]]:
-    """(image path, prompt variants) from metadata.jsonl if present, else from same-name .txt captions."""
+METADATA_FORMATS = (
+    'write one JSON object per line: {"image": "a.png", "prompt": "..."} or {"image": "a.png", "prompts": '
+    '["...", "..."]}; for edit tuning {"sources": ["a.png", ...], "target": "b.png", "prompt": "..."}'
+)
+
+
+def parse_record(folder: Path, record: dict, number: int, node) -> Record:
+    """One metadata.jsonl line: an image-text pair ("image") or an edit triple ("sources" + "target")."""
+    if not isinstance(record, dict):
+        raise node_error(node, f"{METADATA_FILE} line {number} is not a JSON object", METADATA_FORMATS)
+    prompts = record.get("prompts") or [record.get("prompt")]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not all(p is None or isinstance(p, str) for p in prompts):
+        raise node_error(node, f"{METADATA_FILE} line {number}: 'prompts' must be a list of strings", METADATA_FORMATS)
+    if "target" in record or "sources" in record:
+        sources = record.get("sources")
+        if isinstance(sources, str):
+            sources = [sources]
+        if not sources or not isinstance(sources, list) or not isinstance(record.get("target"), str) \
+                or not all(isinstance(name, str) for name in sources):
+            raise node_error(node, f"{METADATA_FILE} line {number}: an edit triple needs 'sources' (a list of "
+                                   "one or more image names) and 'target' (one image name)", METADATA_FORMATS)
+        names = [*sources, record["target"]]
+    elif isinstance(record.get("image"), str):
+        names = [record["image"]]
+    else:
+        raise node_error(node, f"{METADATA_FILE} line {number} names no image", METADATA_FORMATS)
+    for name in names:
+        if not (folder / name).is_file():
+            raise node_error(node, f"{METADATA_FILE} line {number} names '{name}', which is not in {folder}",
+                             "fix the file name or add the image")
+    paths = [folder / name for name in names]
+    return Record(image=paths[-1], prompts=tuple(p.strip() for p in prompts if p and p.strip()),
+                  sources=tuple(paths[:-1]))
+
+
+def read_records(folder: Path, node) -> list[Record]:
+    """The folder's records from metadata.jsonl if present, else images with same-name .txt captions."""
     metadata = folder / METADATA_FILE
     if metadata.is_file():
-        pairs = []
+        records = []
         for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                image = folder / record["image"]
-                prompts = record.get("prompts") or [record["prompt"]]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise node_error(node, f"{METADATA_FILE} line {number} is not valid ({err})",
-                                 'write one JSON object per line: {"image": "a.png", "prompt": "..."} '
-                                 'or {"image": "a.png", "prompts": ["...", "..."]}') from err
-            if not image.is_file():
-                raise node_error(node, f"{METADATA_FILE} line {number} names '{record['image']}', which is not in {folder}",
-                                 "fix the file name or add the image")
-            pairs.append((image, tuple(p.strip() for p in prompts if p and p.strip())))
+            except json.JSONDecodeError as err:
+                raise node_error(node, f"{METADATA_FILE} line {number} is not valid JSON ({err})",
+                                 METADATA_FORMATS) from err
+            records.append(parse_record(folder, record, number, node))
     else:
         images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
         if missing:
             raise node_error(node, f"{len(missing)} image(s) have no caption file: {', '.join(missing[:5])}",
                              "add a .txt file with the same name next to each image (one prompt variant per line)")
-        pairs = [(p, caption_variants(p.with_suffix(".txt").read_text(encoding="utf-8"))) for p in images]
-    if not pairs:
+        records = [Record(p, caption_variants(p.with_suffix(".txt").read_text(encoding="utf-8"))) for p in images]
+    if not records:
         raise node_error(node, f"no images found in {folder}",
                          f"add {', '.join(IMAGE_SUFFIXES)} images with same-name .txt captions, or a {METADATA_FILE}")
-    empty = [image.name for image, prompts in pairs if not prompts]
+    empty = [record.image.name for record in records if not record.prompts]
     if empty:
         raise node_error(node, f"empty caption for: {', '.join(empty[:5])}", "write at least one prompt per image")
-    return pairs
+    return records
 
 
 def load_image(path: Path, node) -> Image.Image:
@@ -132,7 +177,8 @@ class DOPSDDatasetFromFolder(io.ComfyNode):
             category="D-OPSD",
             description=(
                 "Image–text pairs from a folder under ComfyUI/input: images with same-name .txt captions (one prompt "
-                f"variant per line), or a {METADATA_FILE} with image and prompt(s) fields."
+                f"variant per line), or a {METADATA_FILE} with image and prompt(s) fields. For edit tuning, "
+                f"{METADATA_FILE} lines with sources (a list of images), target and prompt(s) (the edit instructions)."
             ),
             inputs=[
                 io.String.Input("folder", default="dopsd/my_concept", tooltip="Relative to ComfyUI's input folder."),
@@ -154,13 +200,15 @@ class DOPSDDatasetFromFolder(io.ComfyNode):
     @classmethod
     def execute(cls, folder, trigger_word, placeholder, megapixels, bucket_multiple, allow_outside_input) -> io.NodeOutput:
         path = resolve_dataset_folder(folder, allow_outside_input, cls)
+        bucket = lambda image_path: to_bucket(load_image(image_path, cls), megapixels, bucket_multiple)  # noqa: E731
         items = [
             DatasetItem(
-                name=image_path.name,
-                image=to_bucket(load_image(image_path, cls), megapixels, bucket_multiple),
-                prompts=tuple(apply_trigger(p, placeholder, trigger_word) for p in prompts),
+                name=record.image.name,
+                image=bucket(record.image),
+                prompts=tuple(apply_trigger(p, placeholder, trigger_word) for p in record.prompts),
+                sources=tuple(bucket(source) for source in record.sources),
             )
-            for image_path, prompts in read_pairs(path, cls)
+            for record in read_records(path, cls)
         ]
         return io.NodeOutput(items)
 

@@ -7,6 +7,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from . import comfy_compat
 from .errors import node_error
 from .families import CUSTOM, DEFAULT_IMAGE_TOKENS, FAMILIES, ZIMAGE_TURBO
 
@@ -23,7 +24,7 @@ def _options(folder: str, preferred: str) -> tuple[list[str], str | None]:
 
 def clip_type_for(name: str, node: str) -> comfy.sd.CLIPType:
     """The CLIPType member; FLUX.2-klein's Qwen3 encoder type only exists in newer ComfyUI releases."""
-    member = getattr(comfy.sd.CLIPType, name, None)
+    member = comfy_compat.clip_type(name)
     if member is None:
         raise node_error(
             node,

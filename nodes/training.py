@@ -19,6 +19,7 @@ from ..dopsd_core import (
     TrainingCancelled,
     TrainingItem,
     TrainingPair,
+    allow_inplace_residuals,
     latest_checkpoint,
     rollout,
     validate_sigmas,
@@ -101,6 +102,11 @@ class DOPSDTrain(io.ComfyNode):
             raise node_error(cls, f"training_sigmas: {err}", "connect a schedule such as the loader's training_sigmas") from err
         if not training_set:
             raise node_error(cls, "the training set is empty", "connect a teacher-context node fed by a dataset")
+        own_steps = {len(item.sigmas) - 1 for item in training_set if item.sigmas is not None}
+        if own_steps - {len(sigmas) - 1}:
+            raise node_error(cls, f"the training set's per-image schedules have {sorted(own_steps)} steps but "
+                                  f"training_sigmas has {len(sigmas) - 1}",
+                             "give the per-image schedule node the same training_sigmas as this node")
         targets = lora_targets_for(model, lora_targets, cls)
         checkpoint_dir = None
         if checkpoint_every > 0 or resume:
@@ -120,6 +126,10 @@ class DOPSDTrain(io.ComfyNode):
             "dopsd.learning_rate": str(learning_rate), "dopsd.ema_decay": str(ema_decay),
             "dopsd.loss_space": loss_space, "dopsd.images": str(len(training_set)),
         }
+        per_size = {f"{item.image.shape[2]}x{item.image.shape[1]}": [round(s, 6) for s in item.sigmas.tolist()]
+                    for item in training_set if item.sigmas is not None}
+        if per_size:  # items rolled out on their own schedules instead of training_sigmas
+            metadata["dopsd.training_sigmas_per_image_size"] = json.dumps(per_size)
         trained = TrainedLora(lora, metadata)
         return io.NodeOutput(apply_lora(model, trained), trained, {"loss": losses}, {"samples": previews})
 
@@ -134,7 +144,9 @@ def lora_targets_for(model, requested: str, node) -> str:
 
 def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,
           gradient_checkpointing: bool, resume: bool, preview_every: int):
-    """Run the trainer inside a loaded model session; the adapters are always removed again, also on error."""
+    """Run the trainer inside a loaded model session; the adapters are always removed again, also on error.
+
+    Items that carry their own schedule (EncodedItem.sigmas) are rolled out on it, the others on `sigmas`."""
     latent_shape = tuple(training_set[0].latent.shape)
     diffusion_model = model.model.diffusion_model
     with model_session(model, latent_shape, training=True) as session:
@@ -144,7 +156,7 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
             adapters = DualLora(diffusion_model, spec)
         except ValueError as err:
             raise node_error(DOPSDTrain, f"lora_targets: {err}", "use 'auto' or a regex that matches linear layers") from err
-        with adapters:
+        with adapters, allow_inplace_residuals(transformer_blocks(diffusion_model)):
             trainer = Trainer(session.predict_x0, adapters, items, sigmas.to(session.device), config, session.device,
                               checkpointed_modules=transformer_blocks(diffusion_model) if gradient_checkpointing else ())
             if resume:
@@ -153,7 +165,7 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
             progress = comfy.utils.ProgressBar(config.steps)
             progress.update_absolute(trainer.step)
             previewer = latent_preview.get_previewer(session.device, model.model.latent_format)
-            preview = StudentPreview(session, items[0], sigmas, adapters)
+            preview = StudentPreview(session, items[0], trainer.schedule_for(items[0]), adapters)
 
             def on_step(report):
                 losses.append(report.loss)
@@ -186,6 +198,7 @@ def to_training_item(session: ModelSession, item: EncodedItem) -> TrainingItem:
         variants=[TrainingPair(session.prepare(p.student, shape), session.prepare(p.teacher, shape)) for p in item.pairs],
         latent_shape=shape,
         target_latent=session.to_model_space(item.latent),
+        sigmas=item.sigmas,
     )
 
 

@@ -1,0 +1,52 @@
+"""Per-image roll-out schedules: FLUX.2 shifts its schedule by the image's token count, and aspect buckets differ.
+
+The schedule travels with each item of the training set (EncodedItem.sigmas), so DOPSDTrain rolls every image out
+on its own schedule; items without one use DOPSDTrain's training_sigmas.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from comfy_api.latest import io
+
+from ..dopsd_core import flux2_image_tokens, flux2_klein_sigmas, validate_sigmas
+from .conditioning import TRAINING_SET, EncodedItem
+from .errors import node_error
+
+
+def flux2_schedule_for(item: EncodedItem, steps: int):
+    """klein's schedule for the image the item's target latent was encoded from: (H_px/16)·(W_px/16) tokens."""
+    height, width = item.image.shape[1:3]
+    return flux2_klein_sigmas(steps, flux2_image_tokens(height, width))
+
+
+class DOPSDScheduleFlux2PerImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDScheduleFlux2PerImage",
+            display_name="Training Schedule per Image Size (D-OPSD, FLUX.2)",
+            category="D-OPSD",
+            description=(
+                "Gives every image of the training set FLUX.2-klein's own schedule for its size, as Flux2Scheduler "
+                "computes it: the shift grows with the image's token count, (height/16)·(width/16), and aspect "
+                "buckets differ in size. D-OPSD Train rolls each image out on its own schedule."
+            ),
+            inputs=[
+                TRAINING_SET.Input("training_set"),
+                io.Sigmas.Input("training_sigmas",
+                                tooltip="The schedule given to D-OPSD Train (the loader's training_sigmas): only its "
+                                        "number of steps is used."),
+            ],
+            outputs=[TRAINING_SET.Output(display_name="training_set")],
+        )
+
+    @classmethod
+    def execute(cls, training_set, training_sigmas) -> io.NodeOutput:
+        try:
+            steps = len(validate_sigmas(training_sigmas)) - 1
+        except ValueError as err:
+            raise node_error(cls, f"training_sigmas: {err}", "connect the loader's training_sigmas") from err
+        if not training_set:
+            raise node_error(cls, "the training set is empty", "connect a teacher-context node fed by a dataset")
+        return io.NodeOutput([dataclasses.replace(item, sigmas=flux2_schedule_for(item, steps)) for item in training_set])

@@ -1,0 +1,141 @@
+"""Editing-branch teacher contexts (FLUX.2-klein, or any model that accepts reference latents).
+
+The teacher sees the target image the way an edit model sees its input images: VAE-encoded and attached to the
+conditioning as reference latents (ComfyUI's ReferenceLatent mechanism), plus an instruction appended to the
+prompt that tells the model what to do with it. The student sees what it will see at inference.
+
+* Concept tuning: student = the prompt; teacher = the prompt + "keep the subject, background and composition
+  of the reference" + the target as the reference.
+* Edit tuning: student = the source images as references + the edit instruction; teacher = the sources and the
+  target as the LAST reference + the instruction + "the last image is the expected result".
+"""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from .comfy_compat import with_reference_latents
+from .conditioning import TRAINING_SET, EncodedItem, EncodedPair, encode_prompt
+from .dataset import DATASET, DatasetItem
+from .errors import node_error
+
+DEFAULT_REFERENCE_INSTRUCTION = (
+    "Keep the main subject's identity details, the background and the composition consistent with the "
+    "reference image."
+)
+DEFAULT_EDIT_INSTRUCTION = "The last reference image is the expected result of this edit; reproduce it exactly."
+SENTENCE_ENDINGS = (".", "!", "?", "。")
+
+
+def append_instruction(prompt: str, instruction: str) -> str:
+    """`prompt`, closed as a sentence, followed by `instruction`; the prompt alone for an empty instruction."""
+    prompt, instruction = prompt.strip(), instruction.strip()
+    if not instruction:
+        return prompt
+    if prompt and not prompt.endswith(SENTENCE_ENDINGS):
+        prompt += "."
+    return f"{prompt} {instruction}".strip()
+
+
+def encode_image(vae, image: torch.Tensor) -> torch.Tensor:
+    """An IMAGE [1, H, W, C] -> its latent in the VAE's space, on the CPU (the VAEEncode path)."""
+    return vae.encode(image[..., :3]).cpu()
+
+
+def instruction_input(default: str, tooltip: str):
+    return io.String.Input("instruction", multiline=True, default=default, tooltip=tooltip)
+
+
+class DOPSDTeacherContextReference(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDTeacherContextReference",
+            display_name="Teacher Context: Reference Image (D-OPSD, FLUX.2-klein)",
+            category="D-OPSD",
+            description=(
+                "Editing-branch teacher for concept LoRAs: the teacher gets the prompt with an appended instruction "
+                "plus the target image as a reference latent (as the ReferenceLatent node attaches it); the student "
+                "gets the prompt alone. For FLUX.2-klein, or any model that accepts reference latents."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The model's text encoder (klein: qwen_3_4b / qwen_3_8b, type flux2)."),
+                io.Vae.Input("vae", tooltip="Encodes the target images into reference latents."),
+                DATASET.Input("dataset", tooltip="Image–text pairs (not edit triples)."),
+                instruction_input(DEFAULT_REFERENCE_INSTRUCTION,
+                                  "Appended to every prompt on the teacher side only. Empty: the prompt alone."),
+            ],
+            outputs=[TRAINING_SET.Output(display_name="training_set")],
+        )
+
+    @classmethod
+    def execute(cls, clip, vae, dataset, instruction) -> io.NodeOutput:
+        require_items(cls, dataset, edit=False)
+        items = []
+        for item in dataset:
+            latent = encode_image(vae, item.image)
+            pairs = tuple(
+                EncodedPair(
+                    prompt=prompt,
+                    student=encode_prompt(clip, prompt),
+                    teacher=with_reference_latents(encode_prompt(clip, append_instruction(prompt, instruction)), [latent]),
+                )
+                for prompt in item.prompts
+            )
+            items.append(EncodedItem(name=item.name, image=item.image, latent=latent, pairs=pairs))
+        return io.NodeOutput(items)
+
+
+class DOPSDTeacherContextEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDTeacherContextEdit",
+            display_name="Teacher Context: Edit Tuning (D-OPSD, FLUX.2-klein)",
+            category="D-OPSD",
+            description=(
+                "Edit tuning on (source images, instruction, target) triples. Student: the sources as reference "
+                "latents + the instruction, as at inference. Teacher: the sources and the target as the last "
+                "reference + the instruction with an appended note that the last image is the expected result."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The model's text encoder (klein: qwen_3_4b / qwen_3_8b, type flux2)."),
+                io.Vae.Input("vae", tooltip="Encodes sources and targets into reference latents."),
+                DATASET.Input("dataset", tooltip="Edit triples: a folder whose metadata.jsonl lists sources and target."),
+                instruction_input(DEFAULT_EDIT_INSTRUCTION,
+                                  "Appended to every edit instruction on the teacher side only. Empty: nothing."),
+            ],
+            outputs=[TRAINING_SET.Output(display_name="training_set")],
+        )
+
+    @classmethod
+    def execute(cls, clip, vae, dataset, instruction) -> io.NodeOutput:
+        require_items(cls, dataset, edit=True)
+        items = []
+        for item in dataset:
+            sources = [encode_image(vae, source) for source in item.sources]
+            target = encode_image(vae, item.image)
+            pairs = tuple(
+                EncodedPair(
+                    prompt=prompt,
+                    student=with_reference_latents(encode_prompt(clip, prompt), sources),
+                    teacher=with_reference_latents(encode_prompt(clip, append_instruction(prompt, instruction)),
+                                                   [*sources, target]),
+                )
+                for prompt in item.prompts
+            )
+            items.append(EncodedItem(name=item.name, image=item.image, latent=target, pairs=pairs))
+        return io.NodeOutput(items)
+
+
+def require_items(node, dataset: list[DatasetItem], edit: bool) -> None:
+    if not dataset:
+        raise node_error(node, "the dataset is empty", "connect a dataset node with at least one item")
+    wrong = [item.name for item in dataset if item.is_edit != edit]
+    if wrong and edit:
+        raise node_error(node, f"{len(wrong)} item(s) have no source images ({', '.join(wrong[:5])})",
+                         'list them in metadata.jsonl as {"sources": [...], "target": "...", "prompt": "..."}, '
+                         "or use Teacher Context: Reference Image for plain image–text pairs")
+    if wrong:
+        raise node_error(node, f"{len(wrong)} item(s) are edit triples with source images ({', '.join(wrong[:5])})",
+                         "use Teacher Context: Edit Tuning for them, or give plain image–text pairs")

@@ -1,0 +1,45 @@
+"""Looking inside a run: the pack's own modules as ComfyUI loaded them, x0 predictions, fixed-noise roll-outs."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from tests.harness.paths import PACK_DIR_NAME
+
+PROBE_SIGMA = 0.7
+PROBE_SEED = 3
+
+
+def pack_module(name: str):
+    """A module of the pack as ComfyUI imported it (custom nodes are registered under their path)."""
+    root = next(key for key in sys.modules if key.endswith(PACK_DIR_NAME))
+    return sys.modules[f"{root}.{name}"]
+
+
+def predict_x0(model, conditionings: list[list], shape: tuple[int, ...], sigma: float = PROBE_SIGMA) -> list[torch.Tensor]:
+    """Each CONDITIONING's x0 prediction at one fixed noisy state, through ComfyUI's conditioning machinery."""
+    bridge = pack_module("nodes.model_bridge")
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    clean, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    with torch.no_grad(), bridge.model_session(model, shape, training=False) as session:
+        x = ((1 - sigma) * clean + sigma * noise).to(session.device)
+        sigmas = torch.full((shape[0],), sigma, device=session.device)
+        return [session.predict_x0(x, sigmas, session.prepare(c, shape)).float().cpu() for c in conditionings]
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RMS of the difference, relative to the RMS of `a`."""
+    return ((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()).item()
+
+
+def sample_with_noise(model, positive: list, sigmas: torch.Tensor, shape: tuple[int, ...], seed: int):
+    """Euler sampling, CFG 1, from the noise ComfyUI draws for `seed`, through ComfyUI's sampler (comfy.sample)."""
+    import comfy.sample
+    import comfy.samplers
+
+    latent = torch.zeros(shape)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                          positive, positive, latent, seed=seed, disable_pbar=True).clone()
