@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.harness.comfy_runtime import ComfyRuntime  # noqa: E402
 from tests.harness.paths import make_base_directory  # noqa: E402
-from tests.harness.ui_workflow import is_widget  # noqa: E402
+from tests.harness.ui_workflow import has_control_widget, is_widget  # noqa: E402
 
 NODE_WIDTH, COLUMN_GAP, ROW_HEIGHT, WIDGET_HEIGHT, TITLE_HEIGHT = 360, 60, 40, 26, 60
 GROUP_PADDING, GROUP_TITLE = 20, 50
@@ -130,7 +131,7 @@ def widget_values(node: Node, classes) -> list:
             if not is_widget(input_type) or name in node.links:
                 continue
             values.append(node.widgets[name] if name in node.widgets else options.get("default"))
-            if options.get("control_after_generate"):
+            if has_control_widget(name, input_type, options):
                 values.append("fixed")
     unknown = set(node.widgets) - {n for s in input_types.values() for n in s}
     if unknown:
@@ -184,7 +185,9 @@ def build(workflow: Workflow, classes) -> dict:
         groups.append({"id": len(groups) + 1, "title": group.title,
                        "bounding": [x, top, NODE_WIDTH + 2 * GROUP_PADDING, y - top],
                        "color": "#3f789e", "font_size": 22, "flags": {}})
-    return {"id": "dopsd-" + workflow.file.removesuffix(".json"), "revision": 0, "last_node_id": len(nodes),
+    # The web UI validates workflows and warns unless "id" is a UUID; a name-based one keeps the files reproducible.
+    workflow_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-dopsd/workflows/" + workflow.file))
+    return {"id": workflow_id, "revision": 0, "last_node_id": len(nodes),
             "last_link_id": len(links), "nodes": nodes, "links": links, "groups": groups, "config": {},
             "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}}, "version": 0.4}
 

@@ -2,7 +2,8 @@
 
 POST /prompt takes the API format; the web UI converts on Queue. Headless runs do the same conversion here:
 widget values map, in order, onto a node's widget inputs as /object_info lists them; a widget with
-`control_after_generate` (seeds) occupies one extra slot (the "fixed/randomize" choice). Frontend-only nodes
+`control_after_generate` (seeds) occupies one extra slot (the "fixed/randomize" choice); the web UI also gives one
+to an INT input named `seed` or `noise_seed` that does not say `control_after_generate` either way. Frontend-only nodes
 (notes) and muted or bypassed nodes are left out, as the UI does.
 """
 from __future__ import annotations
@@ -16,8 +17,19 @@ MODE_ALWAYS = 0
 InputSpec = list[tuple[str, Any, dict]]  # (name, type, options), in /object_info order
 
 
+SEED_NAMES = ("seed", "noise_seed")
+
+
 def is_widget(input_type) -> bool:
     return isinstance(input_type, list) or input_type in WIDGET_TYPES
+
+
+def has_control_widget(name: str, input_type, options: dict) -> bool:
+    """Whether the web UI adds a 'control after generate' widget after this one. The frontend's rule (1.32.9,
+    useIntWidget): `spec.control_after_generate ?? ["seed", "noise_seed"].includes(spec.name)` for INT inputs."""
+    if "control_after_generate" in options:
+        return bool(options["control_after_generate"])
+    return input_type == "INT" and name in SEED_NAMES
 
 
 def input_spec_from_object_info(info: dict) -> InputSpec:
@@ -47,11 +59,13 @@ def to_api(workflow: dict, input_spec: Callable[[str], InputSpec]) -> dict[str, 
                 inputs[name] = [str(from_node), from_slot]
                 if is_widget(input_type) and values:
                     values.pop(0)  # a widget turned into a socket keeps its slot
+                    if has_control_widget(name, input_type, options) and values:
+                        values.pop(0)
             elif is_widget(input_type):
                 if not values:
                     break
                 inputs[name] = values.pop(0)
-                if options.get("control_after_generate"):
+                if has_control_widget(name, input_type, options) and values:
                     values.pop(0)
         graph[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return graph
