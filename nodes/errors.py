@@ -7,5 +7,7 @@ class DOPSDInputError(ValueError):
 
 
 def node_error(node, problem: str, fix: str) -> DOPSDInputError:
-    name = node if isinstance(node, str) else node.__name__
+    # ComfyUI runs a V3 node as a shallow clone of its class named '<Node>Clone'; name the node itself.
+    name = node if isinstance(node, str) else next(
+        (c.__name__ for c in node.__mro__ if not c.__name__.endswith("Clone")), node.__name__)
     return DOPSDInputError(f"{name}: {problem}. How to fix: {fix}.")

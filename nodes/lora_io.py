@@ -112,8 +112,8 @@ class DOPSDSaveLoRA(io.ComfyNode):
             raise node_error(cls, "the LoRA is empty", "connect the lora output of D-OPSD Train")
         try:
             save_lora_file(path, {k: v for k, v in lora.items()}, metadata_for_file(lora))
-        except OSError as err:
-            raise node_error(cls, f"could not write {path} ({err.strerror or err})",
+        except (OSError, safetensors.SafetensorError) as err:  # safetensors reports I/O errors (a full disk) as its own
+            raise node_error(cls, f"could not write {path} ({getattr(err, 'strerror', None) or err})",
                              "free disk space or choose a writable models/loras folder; nothing was overwritten") from err
         saved = comfy.utils.load_torch_file(str(path), safe_load=True)
         relative = path.relative_to(loras_root()).as_posix()

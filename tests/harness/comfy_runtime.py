@@ -6,6 +6,7 @@ exists per process; `ComfyRuntime.boot` returns it.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import sys
 import uuid
@@ -118,15 +119,21 @@ class ComfyRuntime:
             raise RuntimeError("ComfyUI is already booted in this process with another base directory")
         return cls._instance
 
-    def run(self, graph: dict[str, dict]) -> GraphRun:
-        """Validate and execute an API-format graph the way ComfyUI's prompt worker does."""
+    def run(self, graph: dict[str, dict], client_id: str | None = None) -> GraphRun:
+        """Validate and execute an API-format graph the way ComfyUI's prompt worker does.
+
+        With a `client_id` (what the web UI sends), ComfyUI also reports every node it executes ('executing'
+        messages in `self.server.messages`); nodes answered from its cache are not among them.
+        The graph is copied first, as the server parses a fresh one per request: ComfyUI writes the
+        `fingerprint_inputs` results into the graph it runs, and a reused dict would keep them stale."""
+        graph = copy.deepcopy(graph)
         prompt_id = f"test-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
         self.server.messages.clear()
         valid, error, outputs, node_errors = asyncio.run(self.execution.validate_prompt(prompt_id, graph, None))
         if not valid:
             return GraphRun(prompt_id, False, {}, [], node_errors, error, self)
         self.server.last_prompt_id = prompt_id
-        self.executor.execute(graph, prompt_id, {}, outputs)
+        self.executor.execute(graph, prompt_id, {"client_id": client_id} if client_id else {}, outputs)
         return GraphRun(
             prompt_id,
             self.executor.success,
