@@ -33,7 +33,7 @@ class DOPSDRolloutPreview(io.ComfyNode):
                 io.Sigmas.Input("sigmas", tooltip="The training schedule to preview."),
                 io.Int.Input("pair_index", default=0, min=0, max=100_000, tooltip="Which image of the set."),
                 io.Int.Input("prompt_variant", default=0, min=0, max=1_000, tooltip="Which of its prompt variants."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False),
             ],
             outputs=[
                 io.Image.Output(display_name="student_teacher_target", tooltip="One image per roll-out step."),

@@ -10,6 +10,7 @@ import folder_paths
 import latent_preview
 import torch
 from comfy_api.latest import io
+from safetensors import SafetensorError
 
 from ..dopsd_core import (
     DualLora,
@@ -71,7 +72,8 @@ class DOPSDTrain(io.ComfyNode):
                 io.Combo.Input("loss_space", options=["x0", "velocity"], default=defaults.loss_space),
                 io.Int.Input("gradient_accumulation", default=defaults.gradient_accumulation, min=1, max=1024),
                 io.Int.Input("warmup_steps", default=defaults.warmup_steps, min=0, max=100_000),
-                io.Int.Input("seed", default=defaults.seed, min=0, max=2**63 - 1),
+                io.Int.Input("seed", default=defaults.seed, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Fixed, so queueing again reuses the trained result instead of retraining."),
                 io.String.Input("lora_targets", default=AUTO,
                                 tooltip="'auto' (attention and feed-forward of every block) or a regex over module names."),
                 io.Boolean.Input("gradient_checkpointing", default=True),
@@ -181,11 +183,16 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
 
             try:
                 trainer.train(on_step=on_step, should_cancel=comfy.model_management.processing_interrupted)
-            except TrainingCancelled:
+                if config.checkpoint_every > 0 and trainer.step % config.checkpoint_every != 0:
+                    trainer.save_checkpoint()
+            except (TrainingCancelled, comfy.model_management.InterruptProcessingException):
+                # Cancel is seen either between roll-out steps (TrainingCancelled) or by ComfyUI's progress hook.
                 logging.info("DOPSDTrain cancelled after %d completed steps; the model is unchanged", trainer.step)
                 raise comfy.model_management.InterruptProcessingException()
-            if config.checkpoint_every > 0 and trainer.step % config.checkpoint_every != 0:
-                trainer.save_checkpoint()
+            except (OSError, SafetensorError) as err:
+                raise node_error(DOPSDTrain, f"could not write a checkpoint in {config.checkpoint_dir} ({err})",
+                                 "free disk space or choose a writable checkpoint_folder; earlier checkpoints are "
+                                 "intact") from err
             if not previews or preview_every == 0:
                 previews.append(session.to_vae_space(preview.render()).float().cpu())
             lora = comfy_lora_tensors(adapters.student_state(), LORA_DTYPE)
