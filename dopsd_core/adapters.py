@@ -105,19 +105,33 @@ class DualLora:
         with torch.no_grad():
             torch._foreach_copy_(self._params["teacher"], self._params["student"])
         self.active_role: Role = "student"
-        self.activate("student")
-
-    def activate(self, role: Role) -> None:
-        """Make ``role``'s adapter the one every adapted layer applies."""
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         for layer in self._layers:
-            layer.set_adapter(role)
+            layer.set_adapter("student")
         # peft's set_adapter makes the active adapter trainable and the other frozen; roles are fixed here.
         for p in self._params["student"]:
             p.requires_grad_(True)
         for p in self._params["teacher"]:
             p.requires_grad_(False)
+        # Training switches roles twice per roll-out step. peft's set_adapter also re-flags requires_grad on
+        # every adapter parameter (undone right after, as above), ~20 us per layer; what a LoRA layer's forward
+        # reads is only its active-adapter list, so a switch sets just that when peft keeps it where we expect.
+        self._fast_switch = all(layer.active_adapters == ["student"] and hasattr(layer, "_active_adapter")
+                                for layer in self._layers)
+
+    def activate(self, role: Role) -> None:
+        """Make ``role``'s adapter the one every adapted layer applies."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if self._fast_switch:
+            for layer in self._layers:
+                layer._active_adapter = [role]
+        else:
+            for layer in self._layers:
+                layer.set_adapter(role)
+            for p in self._params["student"]:
+                p.requires_grad_(True)
+            for p in self._params["teacher"]:
+                p.requires_grad_(False)
         self.active_role = role
 
     @contextmanager

@@ -88,6 +88,24 @@ def test_use_switches_the_applied_adapter_and_restores_the_previous_one():
         adapters.activate("critic")
 
 
+def test_fast_role_switch_applies_the_same_adapter_as_peft_set_adapter():
+    torch.manual_seed(0)
+    model = ToyDiT()
+    adapters = DualLora(model, SPEC)
+    adapters.load_state(random_adapter_state(adapters, 1), random_adapter_state(adapters, 2))
+    x, sigma, cond = toy_inputs()
+    assert adapters._fast_switch, "peft no longer keeps the active adapter where DualLora sets it"
+    outputs = {}
+    for fast in (True, False):
+        adapters._fast_switch = fast
+        for role in ("teacher", "student"):
+            adapters.activate(role)
+            outputs[fast, role] = model(x, sigma, cond)
+            assert all(p.requires_grad for p in adapters.student_parameters())
+    for role in ("teacher", "student"):
+        assert torch.equal(outputs[True, role], outputs[False, role])
+
+
 def test_ema_update_matches_a_hand_computation():
     torch.manual_seed(0)
     adapters = DualLora(ToyDiT(), SPEC)
