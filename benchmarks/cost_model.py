@@ -1,0 +1,279 @@
+"""Cost model of one D-OPSD optimizer step for the real models, from their architectures' dimensions.
+
+Arithmetic only (no torch, no weights): FLOPs of one step, projected seconds per step and hours per
+2000-step run on one H100 at a stated utilisation, and the GPU memory a run needs with bf16 weights,
+rank-64 LoRA and gradient checkpointing; then which knob (K, resolution, rank, checkpointing,
+conditioning caching) moves time and memory most.
+
+Architectures (as ComfyUI builds them):
+- Z-Image-Turbo: NextDiT, dim 3840, 30 heads of 128, 30 joint layers + 2 noise-refiner layers (image
+  tokens) + 2 context-refiner layers (caption tokens), SwiGLU feed-forward 10240, patch 2 on the 16-channel
+  FLUX.1 latent (1024 px -> 4096 image tokens), caption features 2560 wide (Qwen3-4B). 6.15 B parameters.
+- FLUX.2-klein 4B: hidden 3072, 24 heads, 5 double-stream + 20 single-stream blocks, SwiGLU MLP ratio 3,
+  128-channel latent at /16 (1024 px -> 4096 image tokens), text features 7680 wide (3 x 2560), 512 text
+  tokens. klein 9B: hidden 4096, 32 heads, 8 double + 24 single blocks, text features 12288 wide.
+- LoRA targets: the pack's defaults (attention q/k/v/out and feed-forward of every block; FLUX.2 also the
+  text stream), both adapters (student trained, teacher EMA) kept in float32.
+
+What one D-OPSD step is (batch 1, K roll-out steps): K x [teacher forward (no grad, teacher context) +
+student forward + student backward (+ one recomputed student forward with gradient checkpointing)].
+FLOP conventions: a linear layer costs 2*tokens*in*out forward; its backward costs the same again because
+only the input gradient is needed (base weights are frozen); LoRA adds 2*tokens*rank*(in+out) forward and
+twice that backward (input and adapter-weight gradients). Attention costs 4*L^2*width forward and 2.5x that
+backward (FlashAttention recomputes the scores). Norms, RoPE and gating are bandwidth, not FLOPs; the
+utilisation figure absorbs them.
+
+Run: .venv/bin/python benchmarks/cost_model.py [--utilisation 0.4]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+
+GB = 1e9
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM, bf16 tensor cores, dense
+RUN_STEPS = 2000
+BF16 = 2
+LORA_BYTES_PER_PARAM = 4 * 5  # float32 student + its gradient + AdamW m and v + float32 EMA teacher
+
+
+@dataclass(frozen=True)
+class Block:
+    """``count`` identical transformer blocks. ``linears``: (in, out, stream, LoRA-adapted) with stream
+    "img", "txt" or "all" (the joint sequence). ``attention``: the stream attention runs over."""
+
+    count: int
+    linears: tuple[tuple[int, int, str, bool], ...]
+    attention: str
+    width: int  # attention width (heads x head_dim)
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    blocks: tuple[Block, ...]
+    embedders: tuple[tuple[int, int, str], ...]  # per-token linear layers outside the blocks
+    other_params: float  # modulation, embeddings etc. (counted in memory, negligible FLOPs)
+    patch_pixels: int  # pixels per image token side (VAE factor x patch)
+    text_tokens_student: int
+    text_tokens_teacher: int
+    teacher_reference_images: int  # FLUX.2 editing-branch teacher: target image as reference latents
+    encoder_params: float  # text encoder (+ vision tower) parameters, resident unless conditioning is cached
+
+    @property
+    def params(self) -> float:
+        linear = sum(b.count * sum(i * o for i, o, _, _ in b.linears) for b in self.blocks)
+        return linear + sum(i * o for i, o, _ in self.embedders) + self.other_params
+
+    def lora_params(self, rank: int) -> float:
+        return sum(b.count * sum(rank * (i + o) for i, o, _, lora in b.linears if lora) for b in self.blocks)
+
+
+def zimage_turbo() -> Arch:
+    d, f = 3840, 10240
+    layer = ((d, 3 * d, "all", True), (d, d, "all", True), (d, f, "all", True), (d, f, "all", True),
+             (f, d, "all", True))
+
+    def on(stream):
+        return tuple((i, o, stream, lora) for i, o, _, lora in layer)
+
+    return Arch(
+        name="Z-Image-Turbo 6B",
+        blocks=(Block(30, layer, "all", d), Block(2, on("img"), "img", d), Block(2, on("txt"), "txt", d)),
+        embedders=((64, d, "img"), (2560, d, "txt"), (d, 64, "img")),
+        other_params=32 * 256 * 4 * d + 40e6,  # adaLN modulation of 32 modulated blocks, t-embedder, final layer
+        patch_pixels=16,
+        # Student: the prompt in Z-Image's chat template, padded to a multiple of 32 (<= 512).
+        # Teacher: Qwen3-VL features of a 768^2 image (576 merged patches) + the prompt (<= 1024).
+        text_tokens_student=128,
+        text_tokens_teacher=704,
+        teacher_reference_images=0,
+        encoder_params=4.02e9 + 0.41e9,  # Qwen3-4B + the Qwen3-VL-4B vision tower
+    )
+
+
+def flux2_klein(hidden: int, double: int, single: int, context: int, name: str, encoder_params: float) -> Arch:
+    h, m = hidden, 3 * hidden
+    stream = lambda s: ((h, 3 * h, s, True), (h, h, s, True), (h, 2 * m, s, True), (m, h, s, True))  # noqa: E731
+    return Arch(
+        name=name,
+        blocks=(
+            Block(double, stream("img") + stream("txt"), "all", h),
+            Block(single, ((h, 3 * h + 2 * m, "all", True), (h + m, h, "all", True)), "all", h),
+        ),
+        embedders=((128, h, "img"), (context, h, "txt"), (h, 128, "img")),
+        other_params=2 * 6 * h * h + 3 * h * h + 60e6,  # global modulation, time embedder, final layer
+        patch_pixels=16,
+        text_tokens_student=512,
+        text_tokens_teacher=512,  # the prompt + the keep-identity instruction, padded to 512
+        teacher_reference_images=1,
+        encoder_params=encoder_params,
+    )
+
+
+ARCHS = {
+    "zimage": zimage_turbo(),
+    "klein4b": flux2_klein(3072, 5, 20, 7680, "FLUX.2-klein 4B", 4.02e9),
+    "klein9b": flux2_klein(4096, 8, 24, 12288, "FLUX.2-klein 9B", 8.19e9),
+}
+
+
+@dataclass(frozen=True)
+class Knobs:
+    k: int = 4
+    resolution: int = 1024
+    rank: int = 64
+    checkpointing: bool = True
+    cache_conditioning: bool = True
+    utilisation: float = 0.4
+
+
+def tokens(arch: Arch, knobs: Knobs, teacher: bool) -> dict[str, int]:
+    image = (knobs.resolution // arch.patch_pixels) ** 2
+    if teacher:
+        image *= 1 + arch.teacher_reference_images
+        text = arch.text_tokens_teacher
+    else:
+        text = arch.text_tokens_student
+    return {"img": image, "txt": text, "all": image + text}
+
+
+def forward_flops(arch: Arch, knobs: Knobs, teacher: bool) -> tuple[float, float, float]:
+    """(base linear, LoRA, attention) FLOPs of one forward pass."""
+    n = tokens(arch, knobs, teacher)
+    linear = sum(2 * n[s] * i * o for i, o, s in arch.embedders)
+    lora = attention = 0.0
+    for block in arch.blocks:
+        for i, o, s, adapted in block.linears:
+            linear += block.count * 2 * n[s] * i * o
+            if adapted:
+                lora += block.count * 2 * n[s] * knobs.rank * (i + o)
+        attention += block.count * 4 * n[block.attention] ** 2 * block.width
+    return linear, lora, attention
+
+
+def step_flops(arch: Arch, knobs: Knobs) -> dict[str, float]:
+    t_lin, t_lora, t_att = forward_flops(arch, knobs, teacher=True)
+    s_lin, s_lora, s_att = forward_flops(arch, knobs, teacher=False)
+    student_forward = s_lin + s_lora + s_att
+    parts = {
+        "teacher forward": t_lin + t_lora + t_att,
+        "student forward": student_forward,
+        "student backward": s_lin + 2 * s_lora + 2.5 * s_att,
+        "recomputation (checkpointing)": student_forward if knobs.checkpointing else 0.0,
+    }
+    per_step = {name: knobs.k * value for name, value in parts.items()}
+    if not knobs.cache_conditioning:
+        # Re-encode the student prompt and the teacher context every optimizer step (2 FLOPs/param/token).
+        per_step["conditioning encoders"] = 2 * arch.encoder_params * (arch.text_tokens_student + arch.text_tokens_teacher)
+    return per_step
+
+
+def activation_bytes_per_block(block: Block, n: dict[str, int], rank: int) -> float:
+    """bf16 tensors one block keeps for backward: every linear's input (and LoRA's rank-wide hidden), the
+    attention's q, k, v, output, and ~6 token-wide tensors of norms, modulation, gating and residuals."""
+    saved = 0.0
+    for i, o, s, adapted in block.linears:
+        saved += n[s] * (i + (rank if adapted else 0))
+        if o > 2 * block.width:  # gated feed-forward: the two halves and their product
+            saved += n[s] * o
+    saved += n[block.attention] * (4 * block.width + 6 * block.width)
+    return BF16 * saved
+
+
+def memory(arch: Arch, knobs: Knobs) -> dict[str, float]:
+    n = tokens(arch, knobs, teacher=False)
+    per_block = [(block, activation_bytes_per_block(block, n, knobs.rank)) for block in arch.blocks]
+    if knobs.checkpointing:
+        boundaries = sum(block.count * BF16 * n[block.attention] * block.width for block, _ in per_block)
+        activations = boundaries + max(size for _, size in per_block)
+    else:
+        activations = sum(block.count * size for block, size in per_block)
+    teacher_n = tokens(arch, knobs, teacher=True)
+    widest = max(o for block in arch.blocks for _, o, _, _ in block.linears)
+    parts = {
+        "weights (bf16)": BF16 * arch.params,
+        "LoRA student+teacher, grads, AdamW (fp32)": LORA_BYTES_PER_PARAM * arch.lora_params(knobs.rank),
+        "activations of one roll-out step": activations,
+        "teacher forward transient (no grad)": BF16 * teacher_n["all"] * 2 * widest,
+    }
+    if not knobs.cache_conditioning:
+        parts["text encoder / VLM weights resident (bf16)"] = BF16 * arch.encoder_params
+    return parts
+
+
+def seconds_per_step(arch: Arch, knobs: Knobs) -> float:
+    return sum(step_flops(arch, knobs).values()) / (H100_BF16_DENSE_FLOPS * knobs.utilisation)
+
+
+def summary_rows(utilisation: float):
+    rows = []
+    for key, ks in (("zimage", (4, 8)), ("klein4b", (4,)), ("klein9b", (4,))):
+        arch = ARCHS[key]
+        for k in ks:
+            knobs = Knobs(k=k, utilisation=utilisation)
+            flops = sum(step_flops(arch, knobs).values())
+            seconds = seconds_per_step(arch, knobs)
+            rows.append((arch, k, flops, seconds, sum(memory(arch, knobs).values())))
+    return rows
+
+
+KNOBS = [
+    ("baseline (K=4, 1024 px, rank 64, ckpt, cached)", {}),
+    ("K = 8", {"k": 8}),
+    ("K = 2", {"k": 2}),
+    ("resolution 768 px", {"resolution": 768}),
+    ("resolution 1536 px", {"resolution": 1536}),
+    ("rank 16", {"rank": 16}),
+    ("rank 128", {"rank": 128}),
+    ("no gradient checkpointing", {"checkpointing": False}),
+    ("conditioning re-encoded every step", {"cache_conditioning": False}),
+]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--utilisation", type=float, default=0.4,
+                        help="fraction of the H100's 989 TFLOP/s bf16 dense peak reached (default 0.4)")
+    args = parser.parse_args(argv)
+    u = args.utilisation
+    print(f"Cost model: one D-OPSD optimizer step, batch 1, 1024x1024, bf16 weights, LoRA rank 64, gradient "
+          f"checkpointing, conditioning encoded once; one H100 SXM at {100 * u:.0f}% of 989 TFLOP/s bf16")
+    print(f"{'model':18s} {'params':>7s} {'K':>2s} {'TFLOP/step':>11s} {'s/step':>7s} {'h/2000 steps':>13s} "
+          f"{'memory GB':>10s}")
+    for arch, k, flops, seconds, mem in summary_rows(u):
+        print(f"{arch.name:18s} {arch.params / 1e9:6.2f}B {k:2d} {flops / 1e12:11.0f} {seconds:7.2f} "
+              f"{seconds * RUN_STEPS / 3600:13.2f} {mem / GB:10.1f}")
+    print("  Plain SFT on the same model costs one student forward+backward(+recompute) per step: "
+          + ", ".join(f"{ARCHS[key].name} {sft_seconds(ARCHS[key], Knobs(utilisation=u)):.2f} s"
+                      for key in ARCHS) + ".")
+    zimage = ARCHS["zimage"]
+    base = Knobs(utilisation=u)
+    parts = step_flops(zimage, base)
+    total = sum(parts.values())
+    print(f"  Where a Z-Image K=4 step's FLOPs go: "
+          + ", ".join(f"{name} {100 * value / total:.0f}%" for name, value in parts.items()))
+    mem = memory(zimage, base)
+    print(f"  Z-Image memory, GB: " + ", ".join(f"{name} {value / GB:.1f}" for name, value in mem.items())
+          + "; add ~1-2 GB for the CUDA context and allocator slack.")
+    print()
+    print(f"Which knob moves it most (Z-Image-Turbo; factor vs baseline):")
+    print(f"{'knob':48s} {'s/step':>7s} {'x time':>7s} {'h/2000':>7s} {'memory GB':>10s} {'x memory':>9s}")
+    base_s, base_m = seconds_per_step(zimage, base), sum(memory(zimage, base).values())
+    for label, change in KNOBS:
+        knobs = replace(base, **change)
+        s, m = seconds_per_step(zimage, knobs), sum(memory(zimage, knobs).values())
+        print(f"{label:48s} {s:7.2f} {s / base_s:7.2f} {s * RUN_STEPS / 3600:7.2f} {m / GB:10.1f} {m / base_m:9.2f}")
+    print("  Memory does not depend on K here: each roll-out step is back-propagated at once and its graph freed. "
+          "A single backward over all K steps (the reference code) would keep K steps' activations.")
+
+
+def sft_seconds(arch: Arch, knobs: Knobs) -> float:
+    s_lin, s_lora, s_att = forward_flops(arch, knobs, teacher=False)
+    forward = s_lin + s_lora + s_att
+    flops = forward + (s_lin + 2 * s_lora + 2.5 * s_att) + (forward if knobs.checkpointing else 0.0)
+    return flops / (H100_BF16_DENSE_FLOPS * knobs.utilisation)
+
+
+if __name__ == "__main__":
+    main()
