@@ -1,0 +1,208 @@
+"""The FLUX.2-klein example workflows (UI format), described with scripts/make_workflows.py's building blocks.
+
+Write them after changing a node's inputs:
+    .venv/bin/python tests/klein/klein_workflows.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# Appended, not prepended: in a test session ComfyUI's own modules (`nodes`, `utils`) must stay first on the path.
+sys.path += [str(p) for p in (REPO, REPO / "scripts") if str(p) not in sys.path]
+
+from make_workflows import MUTED, Group, Node, Workflow, build  # noqa: E402
+
+CONCEPT_FILE = "klein_dopsd_concept_lora_then_generate.json"
+EDIT_FILE = "klein_dopsd_edit_tuning_then_generate.json"
+GENERATION_SIZE = 1024
+
+LOAD_NOTE = (
+    "## 1 · Load FLUX.2-klein\n"
+    "Files from ComfyUI's FLUX.2-klein 4B release: `diffusion_models/flux-2-klein-4b.safetensors`, "
+    "`text_encoders/qwen_3_4b.safetensors`, `vae/flux2-vae.safetensors` (9B: pick the 9B preset, "
+    "`flux-2-klein-9b.safetensors` and `qwen_3_8b.safetensors`).\n\n"
+    "Needs a ComfyUI with FLUX.2-klein support (text-encoder type `flux2`). Gives klein's 4-step **inference** "
+    "schedule and the 4-step **training** schedule, both for 1024×1024."
+)
+SCHEDULE_NOTE = (
+    "Klein's schedule shifts with the image size (its token count, height/16 · width/16), and aspect buckets "
+    "differ: **Training Schedule per Image Size** gives every image its own 4-step schedule, as Flux2Scheduler "
+    "would for that size."
+)
+
+
+def load_group() -> Group:
+    return Group("1 · Load FLUX.2-klein 4B", LOAD_NOTE, [
+        Node("load", "DOPSDLoadModel", {"family": "FLUX.2-klein 4B", "diffusion_model": "flux-2-klein-4b.safetensors",
+                                         "text_encoder": "qwen_3_4b.safetensors", "text_encoder_type": "from preset",
+                                         "vae": "flux2-vae.safetensors"})], column=0)
+
+
+def train_nodes(teacher: str, learning_rate: float, lora_name: str) -> list[Node]:
+    return [
+        Node("schedule", "DOPSDScheduleFlux2PerImage", {},
+             {"training_set": (teacher, 0), "training_sigmas": ("load", 4)}),
+        Node("train", "DOPSDTrain", {"steps": 3000, "learning_rate": learning_rate, "checkpoint_every": 250,
+                                     "checkpoint_folder": f"dopsd/checkpoints/{lora_name.split('/')[-1]}",
+                                     "preview_every": 100},
+             {"model": ("load", 0), "training_set": ("schedule", 0), "training_sigmas": ("load", 4)}),
+        Node("loss", "LossGraphNode", {"filename_prefix": "dopsd_loss"}, {"loss": ("train", 2)}),
+        Node("train_previews", "VAEDecode", {}, {"samples": ("train", 3), "vae": ("load", 2)}),
+        Node("train_preview_image", "PreviewImage", {}, {"images": ("train_previews", 0)}),
+    ]
+
+
+def generation_nodes(prefix: str, prompt: str, model: tuple[str, int], key: str = "", seed: int = 42,
+                     reference_image: str | None = None, mode: int = 0) -> list[Node]:
+    """klein's 4-step recipe: Flux2Scheduler for the output size, Euler, no CFG (BasicGuider); for an edit, the
+    source image VAE-encoded and attached with ReferenceLatent."""
+    k = lambda name: f"{key}{name}"  # noqa: E731
+    nodes = [Node(k("prompt"), "CLIPTextEncode", {"text": prompt}, {"clip": ("load", 1)}, mode=mode)]
+    conditioning = (k("prompt"), 0)
+    if reference_image is not None:
+        nodes += [
+            Node(k("source"), "LoadImage", {"image": reference_image}, mode=mode),
+            Node(k("source_latent"), "VAEEncode", {}, {"pixels": (k("source"), 0), "vae": ("load", 2)}, mode=mode),
+            Node(k("reference"), "ReferenceLatent", {}, {"conditioning": (k("prompt"), 0),
+                                                         "latent": (k("source_latent"), 0)}, mode=mode),
+        ]
+        conditioning = (k("reference"), 0)
+    nodes += [
+        Node(k("noise"), "RandomNoise", {"noise_seed": seed}, mode=mode),
+        Node(k("guider"), "BasicGuider", {}, {"model": model, "conditioning": conditioning}, mode=mode),
+        Node(k("sampler"), "KSamplerSelect", {"sampler_name": "euler"}, mode=mode),
+        Node(k("sigmas"), "Flux2Scheduler", {"steps": 4, "width": GENERATION_SIZE, "height": GENERATION_SIZE},
+             mode=mode),
+        Node(k("latent"), "EmptyFlux2LatentImage", {"width": GENERATION_SIZE, "height": GENERATION_SIZE,
+                                                     "batch_size": 1}, mode=mode),
+        Node(k("sample"), "SamplerCustomAdvanced", {},
+             {"noise": (k("noise"), 0), "guider": (k("guider"), 0), "sampler": (k("sampler"), 0),
+              "sigmas": (k("sigmas"), 0), "latent_image": (k("latent"), 0)}, mode=mode),
+        Node(k("decode"), "VAEDecode", {}, {"samples": (k("sample"), 0), "vae": ("load", 2)}, mode=mode),
+        Node(k("save_image"), "SaveImage", {"filename_prefix": prefix}, {"images": (k("decode"), 0)}, mode=mode),
+    ]
+    return nodes
+
+
+def stock_loader_group(lora: str, prompt: str, prefix: str, reference_image: str | None = None) -> Group:
+    return Group("8 · Later: the saved LoRA with the stock loader (unmute with Ctrl+M)", (
+        "## 8 · Sharing and reuse\nMuted because the LoRA file only exists after the first run. Unmute to generate "
+        "with the stock **LoraLoaderModelOnly** — any FLUX.2-klein workflow can load the LoRA this way."),
+        [Node("stock_lora", "LoraLoaderModelOnly", {"lora_name": f"{lora}.safetensors", "strength_model": 1.0},
+              {"model": ("load", 0)}, mode=MUTED),
+         *generation_nodes(f"{prefix}_stock", prompt, ("stock_lora", 0), key="stock_", seed=43,
+                           reference_image=reference_image, mode=MUTED)],
+        column=6, row=0)
+
+
+def klein_concept_workflow() -> Workflow:
+    lora = "dopsd/my_klein_concept"
+    prompt = "a photo of sks, in a sunlit garden"
+    return Workflow(CONCEPT_FILE, [
+        load_group(),
+        Group("2 · Your images", (
+            "## 2 · Dataset\n4–20 images in `ComfyUI/input/dopsd/my_klein_concept/`, each with a same-name `.txt` "
+            "caption: one prompt variant per line, `[trigger]` where the concept goes. Images are cropped into "
+            "~1 MP aspect-ratio buckets."),
+            [Node("dataset", "DOPSDDatasetFromFolder", {"folder": "dopsd/my_klein_concept", "trigger_word": "sks",
+                                                        "placeholder": "[trigger]", "megapixels": 1.0,
+                                                        "bucket_multiple": 64, "allow_outside_input": False})],
+            column=1),
+        Group("3 · Teacher context (editing branch)", (
+            "## 3 · Teacher = prompt + instruction + your image as reference\nThe student sees the prompt alone. "
+            "The teacher sees the prompt with the instruction below appended, plus the image VAE-encoded as a "
+            "**reference latent** (what the ReferenceLatent node does): klein's editing branch. Edit the "
+            "instruction freely."),
+            [Node("teacher", "DOPSDTeacherContextReference", {},
+                  {"clip": ("load", 1), "vae": ("load", 2), "dataset": ("dataset", 0)})], column=2),
+        Group("4 · Look at the teacher first", (
+            "## 4 · Preview before training\nThe student's own 4-step roll-out; per step: **student | teacher | "
+            "target**. The student learns whatever the teacher shows here, artifacts included (e.g. a zoom-in)."),
+            [Node("preview", "DOPSDRolloutPreview", {"pair_index": 0, "prompt_variant": 0, "seed": 0},
+                  {"model": ("load", 0), "vae": ("load", 2), "training_set": ("teacher", 0), "sigmas": ("load", 4)}),
+             Node("preview_image", "PreviewImage", {}, {"images": ("preview", 0)})], column=3),
+        Group("5 · Train with D-OPSD", (
+            f"## 5 · On-policy self-distillation\n{SCHEDULE_NOTE}\n\nThe authors' klein settings: rank 64 / alpha "
+            "128 on attention and MLPs of both streams, AdamW 1e-4 (4B; 2e-5 for 9B), EMA teacher 0.9999, x0 loss, "
+            "3000 steps. Set `checkpoint_every` to resume after a cancel."),
+            train_nodes("teacher", 1e-4, lora), column=4),
+        Group("6 · Save the LoRA", (
+            "## 6 · Save\nThe LoRA goes to `models/loras/dopsd/my_klein_concept.safetensors` (Load LoRA lists it at "
+            "once) and is applied from the saved file."),
+            [Node("save", "DOPSDSaveLoRA", {"lora_name": lora, "overwrite": True, "strength": 1.0},
+                  {"model": ("load", 0), "lora": ("train", 1)})], column=5),
+        Group("7 · Generate in 4 steps", (
+            "## 7 · Generate\nKlein as it is meant to be run: 4 steps, Flux2Scheduler for the output size, "
+            "Euler, no CFG."),
+            generation_nodes("dopsd/my_klein_concept", prompt, ("save", 0)), column=5, row=1),
+        stock_loader_group(lora, prompt, "dopsd/my_klein_concept"),
+    ])
+
+
+def klein_edit_workflow() -> Workflow:
+    lora = "dopsd/my_klein_edit"
+    instruction = "make [trigger] wear a red scarf"
+    source = "example.png"  # ComfyUI ships input/example.png; the user picks the image to edit
+    return Workflow(EDIT_FILE, [
+        load_group(),
+        Group("2 · Your edit pairs", (
+            "## 2 · Edit triples\nIn `ComfyUI/input/dopsd/my_klein_edit/`: the source and target images and a "
+            "`metadata.jsonl`, one line per edit:\n\n`{\"sources\": [\"source_0.png\"], \"target\": "
+            "\"target_0.png\", \"prompts\": [\"make [trigger] wear a red scarf\", \"...\"]}`\n\nSeveral sources "
+            "per edit are fine; each image gets its own ~1 MP aspect bucket."),
+            [Node("dataset", "DOPSDDatasetFromFolder", {"folder": "dopsd/my_klein_edit", "trigger_word": "sks",
+                                                        "placeholder": "[trigger]", "megapixels": 1.0,
+                                                        "bucket_multiple": 64, "allow_outside_input": False})],
+            column=1),
+        Group("3 · Teacher context (edit tuning)", (
+            "## 3 · Student and teacher\n**Student**: the sources as reference latents + the edit instruction, "
+            "exactly as at inference. **Teacher**: the sources and the **target as the last reference** + the "
+            "instruction with the note below appended (the last image is the expected result)."),
+            [Node("teacher", "DOPSDTeacherContextEdit", {},
+                  {"clip": ("load", 1), "vae": ("load", 2), "dataset": ("dataset", 0)})], column=2),
+        Group("4 · Look at the teacher first", (
+            "## 4 · Preview before training\nThe student's own 4-step edit; per step: **student | teacher | "
+            "target**. Models with weak multi-reference ability make poor teachers: check here first."),
+            [Node("preview", "DOPSDRolloutPreview", {"pair_index": 0, "prompt_variant": 0, "seed": 0},
+                  {"model": ("load", 0), "vae": ("load", 2), "training_set": ("teacher", 0), "sigmas": ("load", 4)}),
+             Node("preview_image", "PreviewImage", {}, {"images": ("preview", 0)})], column=3),
+        Group("5 · Train with D-OPSD", (
+            f"## 5 · On-policy self-distillation\n{SCHEDULE_NOTE}\n\nThe authors' edit-tuning settings: rank 64 / "
+            "alpha 128, AdamW 2e-5, EMA teacher 0.9999, x0 loss, 3000 steps."),
+            train_nodes("teacher", 2e-5, lora), column=4),
+        Group("6 · Save the LoRA", (
+            "## 6 · Save\nThe LoRA goes to `models/loras/dopsd/my_klein_edit.safetensors` and is applied from the "
+            "saved file."),
+            [Node("save", "DOPSDSaveLoRA", {"lora_name": lora, "overwrite": True, "strength": 1.0},
+                  {"model": ("load", 0), "lora": ("train", 1)})], column=5),
+        Group("7 · Edit an image in 4 steps", (
+            "## 7 · Edit\nPick the image to edit in **Load Image**; it is VAE-encoded and attached with "
+            "**ReferenceLatent**, as in klein's own edit workflows. 4 steps, no CFG. Set the output size in "
+            "Flux2Scheduler and Empty Flux 2 Latent to the source's."),
+            generation_nodes("dopsd/my_klein_edit", instruction.replace("[trigger]", "sks"), ("save", 0),
+                             reference_image=source), column=5, row=1),
+        stock_loader_group(lora, instruction.replace("[trigger]", "sks"), "dopsd/my_klein_edit", reference_image=source),
+    ])
+
+
+WORKFLOWS = (klein_concept_workflow, klein_edit_workflow)
+
+
+def main() -> None:
+    from tests.harness.comfy_runtime import ComfyRuntime
+    from tests.harness.paths import make_base_directory
+
+    runtime = ComfyRuntime.boot(make_base_directory(Path(tempfile.mkdtemp(prefix="dopsd_klein_workflows_"))))
+    for make in WORKFLOWS:
+        workflow = make()
+        path = REPO / "workflows" / workflow.file
+        path.write_text(json.dumps(build(workflow, runtime.nodes.NODE_CLASS_MAPPINGS), indent=1) + "\n")
+        print(f"wrote {path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
