@@ -60,11 +60,11 @@ def write_inputs(input_dir: Path, graph: dict) -> None:
             else:
                 write_concept_images(folder, count=3)
         elif node["class_type"] == "LoadImage":
+            # Replaced even when present (ComfyUI's 768² example.png): a tiny image keeps the CPU run tiny.
             target = input_dir / node["inputs"]["image"]
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                [source, *_] = write_concept_images(input_dir / "dopsd" / "_load_image_sources", count=1)
-                shutil.copy(source, target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            [source, *_] = write_concept_images(input_dir / "dopsd" / "_load_image_sources", count=1)
+            shutil.copy(source, target)
 
 
 def write_edit_triples(folder: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +27,8 @@ def make_base_directory(base: Path) -> Path:
     """Lay out a ComfyUI base directory (--base-directory) with this pack and the test patches installed.
 
     The tiny-model patches are installed as a custom node so they apply identically in-process and in a
-    server subprocess; they never become part of the pack.
+    server subprocess; they never become part of the pack. The input folder starts as a real install's does, with
+    ComfyUI's input/example.png (the image stock workflows' Load Image names).
     """
     custom_nodes = base / "custom_nodes"
     custom_nodes.mkdir(parents=True, exist_ok=True)
@@ -37,6 +39,9 @@ def make_base_directory(base: Path) -> Path:
     for sub in ("models/diffusion_models", "models/text_encoders", "models/vae", "models/clip_vision", "models/loras",
                 "input", "output", "user", "temp"):
         (base / sub).mkdir(parents=True, exist_ok=True)
+    example_image = base / "input" / "example.png"
+    if not example_image.exists():
+        shutil.copy(comfyui_dir() / "input" / "example.png", example_image)
     return base
 
 
