@@ -30,7 +30,9 @@ class DOPSDRolloutPreview(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Vae.Input("vae"),
                 TRAINING_SET.Input("training_set"),
-                io.Sigmas.Input("sigmas", tooltip="The training schedule to preview."),
+                io.Sigmas.Input("sigmas", tooltip="The training schedule to preview. An image with its own schedule "
+                                                  "(Training Schedule per Image Size) is previewed on that one, as "
+                                                  "D-OPSD Train rolls it out."),
                 io.Int.Input("pair_index", default=0, min=0, max=100_000, tooltip="Which image of the set."),
                 io.Int.Input("prompt_variant", default=0, min=0, max=1_000, tooltip="Which of its prompt variants."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False),
@@ -56,6 +58,8 @@ class DOPSDRolloutPreview(io.ComfyNode):
             raise node_error(cls, f"{item.name} has {len(item.pairs)} prompt variants, not {prompt_variant + 1}",
                              f"pick 0 to {len(item.pairs) - 1}")
         pair = item.pairs[prompt_variant]
+        if item.sigmas is not None:
+            sigmas = item.sigmas
         shape = tuple(item.latent.shape)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
         with model_session(model, shape, training=False) as session:

@@ -137,3 +137,26 @@ def test_train_refuses_per_image_schedules_with_another_step_count(comfy, klein_
     g.node("PreviewAny", source=trained.out(1))
     message = error_message(comfy.run(g.to_api()), "DOPSDTrain")
     assert "per-image schedules have [3] steps but training_sigmas has 4" in message
+
+
+def test_preview_rolls_each_image_out_on_its_own_schedule_as_training_does(comfy, klein_reference_folders):
+    g = Graph()
+    loader = load_klein(g)
+    pairs = reference_teacher(g, loader, dataset(g, klein_reference_folders[0]))  # one 64x64 image
+    scheduled = g.node("DOPSDScheduleFlux2PerImage", training_set=pairs, training_sigmas=loader.out(4))
+
+    def preview(training_set, sigmas):
+        node = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=training_set,
+                      sigmas=sigmas, pair_index=0, prompt_variant=0, seed=0)
+        g.node("PreviewImage", images=node)
+        return node
+
+    per_image = preview(scheduled, loader.out(4))
+    stock_64px = preview(pairs, g.node("Flux2Scheduler", steps=4, width=64, height=64))
+    preset_1024px = preview(pairs, loader.out(4))
+    run = comfy.run(g.to_api())
+    assert run.success, run.error or run.node_errors
+    states = {name: run.output(node.node_id)[1]["samples"]
+              for name, node in (("per_image", per_image), ("stock", stock_64px), ("preset", preset_1024px))}
+    torch.testing.assert_close(states["per_image"], states["stock"], atol=1e-5, rtol=1e-5)
+    assert (states["per_image"] - states["preset"]).abs().max() > 1e-3, "the preset's 1024² schedule was used"
