@@ -1,7 +1,8 @@
-"""Writes the UI-format example workflows in workflows/ from the short descriptions below.
+"""Writes every example workflow in workflows/ (UI format) from the short descriptions below.
 
-Widget order, socket types and output names come from the real node definitions (ComfyUI booted in-process
-with this pack), so the files match what the web UI itself would save. Run after changing a node's inputs:
+Widget order, socket types and output names come from the real node definitions (ComfyUI booted in-process with
+this pack, scripts/workflow_builder.py), so the files match what the web UI itself would save. Run after changing a
+node's inputs:
     .venv/bin/python scripts/make_workflows.py
 """
 from __future__ import annotations
@@ -9,46 +10,14 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Appended, not prepended: in a test session ComfyUI's own `nodes` module must stay ahead of this repo's `nodes/`.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
 
-from tests.harness.comfy_runtime import ComfyRuntime  # noqa: E402
-from tests.harness.paths import make_base_directory  # noqa: E402
-from tests.harness.ui_workflow import has_control_widget, is_widget  # noqa: E402
-
-NODE_WIDTH, COLUMN_GAP, ROW_HEIGHT, WIDGET_HEIGHT, TITLE_HEIGHT = 360, 60, 40, 26, 60
-GROUP_PADDING, GROUP_TITLE = 20, 50
-MUTED = 2
-
-
-@dataclass
-class Node:
-    key: str
-    type: str
-    widgets: dict = field(default_factory=dict)
-    links: dict[str, tuple[str, int]] = field(default_factory=dict)
-    title: str | None = None
-    mode: int = 0
-
-
-@dataclass
-class Group:
-    title: str
-    note: str
-    nodes: list[Node]
-    column: int
-    row: int = 0
-
-
-@dataclass
-class Workflow:
-    file: str
-    groups: list[Group]
-
+from scripts.workflow_builder import MUTED, Group, Node, Workflow, build  # noqa: E402
 
 def zimage_workflow() -> Workflow:
     lora = "dopsd/my_concept"
@@ -122,84 +91,196 @@ def zimage_workflow() -> Workflow:
     ])
 
 
-def widget_values(node: Node, classes) -> list:
-    input_types = classes[node.type].INPUT_TYPES()
-    values = []
-    for section in ("required", "optional"):
-        for name, (input_type, *rest) in input_types.get(section, {}).items():
-            options = rest[0] if rest else {}
-            if not is_widget(input_type) or name in node.links:
-                continue
-            values.append(node.widgets[name] if name in node.widgets else options.get("default"))
-            if has_control_widget(name, input_type, options):
-                values.append("fixed")
-    unknown = set(node.widgets) - {n for s in input_types.values() for n in s}
-    if unknown:
-        raise ValueError(f"{node.key}: {node.type} has no inputs {sorted(unknown)}")
-    return values
+# FLUX.2-klein: the editing-branch teacher (concept LoRA) and edit tuning, both ending in 4-step generation.
+
+KLEIN_CONCEPT_FILE = "klein_dopsd_concept_lora_then_generate.json"
+KLEIN_EDIT_FILE = "klein_dopsd_edit_tuning_then_generate.json"
+KLEIN_GENERATION_SIZE = 1024
+
+KLEIN_LOAD_NOTE = (
+    "## 1 · Load FLUX.2-klein\n"
+    "Files from ComfyUI's FLUX.2-klein 4B release: `diffusion_models/flux-2-klein-4b.safetensors`, "
+    "`text_encoders/qwen_3_4b.safetensors`, `vae/flux2-vae.safetensors` (9B: pick the 9B preset, "
+    "`flux-2-klein-9b.safetensors` and `qwen_3_8b.safetensors`).\n\n"
+    "Needs a ComfyUI with FLUX.2-klein support (text-encoder type `flux2`). Gives klein's 4-step **inference** "
+    "schedule and the 4-step **training** schedule, both for 1024×1024."
+)
+KLEIN_SCHEDULE_NOTE = (
+    "Klein's schedule shifts with the image size (its token count, height/16 · width/16), and aspect buckets "
+    "differ: **Training Schedule per Image Size** gives every image its own 4-step schedule, as Flux2Scheduler "
+    "would for that size."
+)
 
 
-def socket_types(node_type: str, classes) -> dict[str, str]:
-    input_types = classes[node_type].INPUT_TYPES()
-    return {name: spec[0] for section in ("required", "optional") for name, spec in input_types.get(section, {}).items()}
+def klein_load_group() -> Group:
+    return Group("1 · Load FLUX.2-klein 4B", KLEIN_LOAD_NOTE, [
+        Node("load", "DOPSDLoadModel", {"family": "FLUX.2-klein 4B", "diffusion_model": "flux-2-klein-4b.safetensors",
+                                         "text_encoder": "qwen_3_4b.safetensors", "text_encoder_type": "from preset",
+                                         "vae": "flux2-vae.safetensors"})], column=0)
 
 
-def build(workflow: Workflow, classes) -> dict:
-    all_nodes = [n for g in workflow.groups for n in g.nodes]
-    ids = {n.key: i for i, n in enumerate(all_nodes, start=1)}
-    links = []  # [id, from_node, from_slot, to_node, to_slot, type], as the UI saves them
-    for node in all_nodes:
-        types = socket_types(node.type, classes)
-        for slot, (name, (source, source_slot)) in enumerate(node.links.items()):
-            links.append([len(links) + 1, ids[source], source_slot, ids[node.key], slot, types[name]])
-    nodes, groups = [], []
-    row_tops = {0: 0.0, 1: 1100.0}
-    for group in workflow.groups:
-        x = group.column * (NODE_WIDTH + 2 * GROUP_PADDING + COLUMN_GAP)
-        y = row_tops[group.row] + GROUP_TITLE
-        note_height = 220
-        nodes.append({"id": len(all_nodes) + len(groups) + 1, "type": "MarkdownNote", "pos": [x + GROUP_PADDING, y],
-                      "size": [NODE_WIDTH, note_height], "flags": {}, "order": 0, "mode": 0, "inputs": [],
-                      "outputs": [], "properties": {}, "widgets_values": [group.note],
-                      "color": "#432", "bgcolor": "#653"})
-        y += note_height + ROW_HEIGHT
-        for node in group.nodes:
-            cls = classes[node.type]
-            values = widget_values(node, classes)
-            height = TITLE_HEIGHT + WIDGET_HEIGHT * (len(values) + len(cls.RETURN_TYPES))
-            node_id = ids[node.key]
-            node_inputs = [{"name": list(node.links)[link[4]], "type": link[5], "link": link[0]}
-                           for link in links if link[3] == node_id]
-            output_names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-            node_outputs = [{"name": output_names[i], "type": t, "slot_index": i,
-                             "links": [l[0] for l in links if l[1] == node_id and l[2] == i]}
-                            for i, t in enumerate(cls.RETURN_TYPES)]
-            entry = {"id": node_id, "type": node.type, "pos": [x + GROUP_PADDING, y], "size": [NODE_WIDTH, height],
-                     "flags": {}, "order": node_id, "mode": node.mode, "inputs": node_inputs, "outputs": node_outputs,
-                     "properties": {"Node name for S&R": node.type}, "widgets_values": values}
-            if node.title:
-                entry["title"] = node.title
-            nodes.append(entry)
-            y += height + ROW_HEIGHT
-        top = row_tops[group.row]
-        groups.append({"id": len(groups) + 1, "title": group.title,
-                       "bounding": [x, top, NODE_WIDTH + 2 * GROUP_PADDING, y - top],
-                       "color": "#3f789e", "font_size": 22, "flags": {}})
-    # The web UI validates workflows and warns unless "id" is a UUID; a name-based one keeps the files reproducible.
-    workflow_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "comfyui-dopsd/workflows/" + workflow.file))
-    return {"id": workflow_id, "revision": 0, "last_node_id": len(nodes),
-            "last_link_id": len(links), "nodes": nodes, "links": links, "groups": groups, "config": {},
-            "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}}, "version": 0.4}
+def klein_teacher_group(title: str, note: str, teacher_node: str) -> Group:
+    """The teacher context, then klein's schedule for every image's size: preview and training both roll out on it."""
+    return Group(title, f"{note}\n\n{KLEIN_SCHEDULE_NOTE}", [
+        Node("teacher", teacher_node, {}, {"clip": ("load", 1), "vae": ("load", 2), "dataset": ("dataset", 0)}),
+        Node("schedule", "DOPSDScheduleFlux2PerImage", {},
+             {"training_set": ("teacher", 0), "training_sigmas": ("load", 4)})], column=2)
+
+
+def klein_preview_group(note: str) -> Group:
+    return Group("4 · Look at the teacher first", note, [
+        Node("preview", "DOPSDRolloutPreview", {"pair_index": 0, "prompt_variant": 0, "seed": 0},
+             {"model": ("load", 0), "vae": ("load", 2), "training_set": ("schedule", 0), "sigmas": ("load", 4)}),
+        Node("preview_image", "PreviewImage", {}, {"images": ("preview", 0)})], column=3)
+
+
+def klein_train_group(note: str, learning_rate: float, lora_name: str) -> Group:
+    return Group("5 · Train with D-OPSD", note, [
+        Node("train", "DOPSDTrain", {"steps": 3000, "learning_rate": learning_rate, "checkpoint_every": 250,
+                                     "checkpoint_folder": f"dopsd/checkpoints/{lora_name.split('/')[-1]}",
+                                     "preview_every": 100},
+             {"model": ("load", 0), "training_set": ("schedule", 0), "training_sigmas": ("load", 4)}),
+        Node("loss", "LossGraphNode", {"filename_prefix": "dopsd_loss"}, {"loss": ("train", 2)}),
+        Node("train_previews", "VAEDecode", {}, {"samples": ("train", 3), "vae": ("load", 2)}),
+        Node("train_preview_image", "PreviewImage", {}, {"images": ("train_previews", 0)})], column=4)
+
+
+def klein_save_group(lora_name: str, note: str) -> Group:
+    return Group("6 · Save the LoRA", note, [
+        Node("save", "DOPSDSaveLoRA", {"lora_name": lora_name, "overwrite": True, "strength": 1.0},
+             {"model": ("load", 0), "lora": ("train", 1)})], column=5)
+
+
+def klein_generation_nodes(prefix: str, prompt: str, model: tuple[str, int], key: str = "", seed: int = 42,
+                           reference_image: str | None = None, mode: int = 0) -> list[Node]:
+    """klein's 4-step recipe: Flux2Scheduler for the output size, Euler, no CFG (BasicGuider); for an edit, the
+    source image VAE-encoded and attached with ReferenceLatent."""
+    k = lambda name: f"{key}{name}"  # noqa: E731
+    nodes = [Node(k("prompt"), "CLIPTextEncode", {"text": prompt}, {"clip": ("load", 1)}, mode=mode)]
+    conditioning = (k("prompt"), 0)
+    if reference_image is not None:
+        nodes += [
+            Node(k("source"), "LoadImage", {"image": reference_image}, mode=mode),
+            Node(k("source_latent"), "VAEEncode", {}, {"pixels": (k("source"), 0), "vae": ("load", 2)}, mode=mode),
+            Node(k("reference"), "ReferenceLatent", {}, {"conditioning": (k("prompt"), 0),
+                                                         "latent": (k("source_latent"), 0)}, mode=mode),
+        ]
+        conditioning = (k("reference"), 0)
+    nodes += [
+        Node(k("noise"), "RandomNoise", {"noise_seed": seed}, mode=mode),
+        Node(k("guider"), "BasicGuider", {}, {"model": model, "conditioning": conditioning}, mode=mode),
+        Node(k("sampler"), "KSamplerSelect", {"sampler_name": "euler"}, mode=mode),
+        Node(k("sigmas"), "Flux2Scheduler",
+             {"steps": 4, "width": KLEIN_GENERATION_SIZE, "height": KLEIN_GENERATION_SIZE}, mode=mode),
+        Node(k("latent"), "EmptyFlux2LatentImage", {"width": KLEIN_GENERATION_SIZE, "height": KLEIN_GENERATION_SIZE,
+                                                     "batch_size": 1}, mode=mode),
+        Node(k("sample"), "SamplerCustomAdvanced", {},
+             {"noise": (k("noise"), 0), "guider": (k("guider"), 0), "sampler": (k("sampler"), 0),
+              "sigmas": (k("sigmas"), 0), "latent_image": (k("latent"), 0)}, mode=mode),
+        Node(k("decode"), "VAEDecode", {}, {"samples": (k("sample"), 0), "vae": ("load", 2)}, mode=mode),
+        Node(k("save_image"), "SaveImage", {"filename_prefix": prefix}, {"images": (k("decode"), 0)}, mode=mode),
+    ]
+    return nodes
+
+
+def klein_stock_loader_group(lora: str, prompt: str, prefix: str, reference_image: str | None = None) -> Group:
+    return Group("8 · Later: the saved LoRA with the stock loader (unmute with Ctrl+M)", (
+        "## 8 · Sharing and reuse\nMuted because the LoRA file only exists after the first run. Unmute to generate "
+        "with the stock **LoraLoaderModelOnly** — any FLUX.2-klein workflow can load the LoRA this way."),
+        [Node("stock_lora", "LoraLoaderModelOnly", {"lora_name": f"{lora}.safetensors", "strength_model": 1.0},
+              {"model": ("load", 0)}, mode=MUTED),
+         *klein_generation_nodes(f"{prefix}_stock", prompt, ("stock_lora", 0), key="stock_", seed=43,
+                                 reference_image=reference_image, mode=MUTED)],
+        column=6, row=0)
+
+
+def klein_concept_workflow() -> Workflow:
+    lora = "dopsd/my_klein_concept"
+    prompt = "a photo of sks, in a sunlit garden"
+    return Workflow(KLEIN_CONCEPT_FILE, [
+        klein_load_group(),
+        Group("2 · Your images", (
+            "## 2 · Dataset\n4–20 images in `ComfyUI/input/dopsd/my_klein_concept/`, each with a same-name `.txt` "
+            "caption: one prompt variant per line, `[trigger]` where the concept goes. Images are cropped into "
+            "~1 MP aspect-ratio buckets."),
+            [Node("dataset", "DOPSDDatasetFromFolder", {"folder": "dopsd/my_klein_concept", "trigger_word": "sks",
+                                                        "placeholder": "[trigger]", "megapixels": 1.0,
+                                                        "bucket_multiple": 64, "allow_outside_input": False})],
+            column=1),
+        klein_teacher_group("3 · Teacher context (editing branch), schedule per image", (
+            "## 3 · Teacher = prompt + instruction + your image as reference\nThe student sees the prompt alone. "
+            "The teacher sees the prompt with the instruction below appended, plus the image VAE-encoded as a "
+            "**reference latent** (what the ReferenceLatent node does): klein's editing branch. Edit the "
+            "instruction freely."), "DOPSDTeacherContextReference"),
+        klein_preview_group(
+            "## 4 · Preview before training\nThe student's own 4-step roll-out; per step: **student | teacher | "
+            "target**. The student learns whatever the teacher shows here, artifacts included (e.g. a zoom-in)."),
+        klein_train_group(
+            "## 5 · On-policy self-distillation\nThe authors' klein settings: rank 64 / alpha 128 on attention and "
+            "MLPs of both streams, AdamW 1e-4 (4B; 2e-5 for 9B), EMA teacher 0.9999, x0 loss, 3000 steps. Set "
+            "`checkpoint_every` to resume after a cancel.", 1e-4, lora),
+        klein_save_group(lora, "## 6 · Save\nThe LoRA goes to `models/loras/dopsd/my_klein_concept.safetensors` "
+                               "(Load LoRA lists it at once) and is applied from the saved file."),
+        Group("7 · Generate in 4 steps", (
+            "## 7 · Generate\nKlein as it is meant to be run: 4 steps, Flux2Scheduler for the output size, "
+            "Euler, no CFG."),
+            klein_generation_nodes("dopsd/my_klein_concept", prompt, ("save", 0)), column=5, row=1),
+        klein_stock_loader_group(lora, prompt, "dopsd/my_klein_concept"),
+    ])
+
+
+def klein_edit_workflow() -> Workflow:
+    lora = "dopsd/my_klein_edit"
+    instruction = "make [trigger] wear a red scarf"
+    source = "example.png"  # ComfyUI ships input/example.png; the user picks the image to edit
+    return Workflow(KLEIN_EDIT_FILE, [
+        klein_load_group(),
+        Group("2 · Your edit pairs", (
+            "## 2 · Edit triples\nIn `ComfyUI/input/dopsd/my_klein_edit/`: the source and target images and a "
+            "`metadata.jsonl`, one line per edit:\n\n`{\"sources\": [\"source_0.png\"], \"target\": "
+            "\"target_0.png\", \"prompts\": [\"make [trigger] wear a red scarf\", \"...\"]}`\n\nSeveral sources "
+            "per edit are fine; each image gets its own ~1 MP aspect bucket."),
+            [Node("dataset", "DOPSDDatasetFromFolder", {"folder": "dopsd/my_klein_edit", "trigger_word": "sks",
+                                                        "placeholder": "[trigger]", "megapixels": 1.0,
+                                                        "bucket_multiple": 64, "allow_outside_input": False})],
+            column=1),
+        klein_teacher_group("3 · Teacher context (edit tuning), schedule per image", (
+            "## 3 · Student and teacher\n**Student**: the sources as reference latents + the edit instruction, "
+            "exactly as at inference. **Teacher**: the sources and the **target as the last reference** + the "
+            "instruction with the note below appended (the last image is the expected result)."),
+            "DOPSDTeacherContextEdit"),
+        klein_preview_group(
+            "## 4 · Preview before training\nThe student's own 4-step edit; per step: **student | teacher | "
+            "target**. Models with weak multi-reference ability make poor teachers: check here first."),
+        klein_train_group(
+            "## 5 · On-policy self-distillation\nThe authors' edit-tuning settings: rank 64 / alpha 128, AdamW "
+            "2e-5, EMA teacher 0.9999, x0 loss, 3000 steps. Set `checkpoint_every` to resume after a cancel.",
+            2e-5, lora),
+        klein_save_group(lora, "## 6 · Save\nThe LoRA goes to `models/loras/dopsd/my_klein_edit.safetensors` and "
+                               "is applied from the saved file."),
+        Group("7 · Edit an image in 4 steps", (
+            "## 7 · Edit\nPick the image to edit in **Load Image**; it is VAE-encoded and attached with "
+            "**ReferenceLatent**, as in klein's own edit workflows. 4 steps, no CFG. Set the output size in "
+            "Flux2Scheduler and Empty Flux 2 Latent to the source's."),
+            klein_generation_nodes("dopsd/my_klein_edit", instruction.replace("[trigger]", "sks"), ("save", 0),
+                                   reference_image=source), column=5, row=1),
+        klein_stock_loader_group(lora, instruction.replace("[trigger]", "sks"), "dopsd/my_klein_edit",
+                                 reference_image=source),
+    ])
+
+
+WORKFLOWS = (zimage_workflow, klein_concept_workflow, klein_edit_workflow)
 
 
 def main() -> None:
+    from tests.harness.comfy_runtime import ComfyRuntime
+    from tests.harness.paths import make_base_directory
+
     runtime = ComfyRuntime.boot(make_base_directory(Path(tempfile.mkdtemp(prefix="dopsd_make_workflows_"))))
-    classes = runtime.nodes.NODE_CLASS_MAPPINGS
-    out_dir = REPO / "workflows"
-    out_dir.mkdir(exist_ok=True)
-    for workflow in (zimage_workflow(),):
-        path = out_dir / workflow.file
-        path.write_text(json.dumps(build(workflow, classes), indent=1) + "\n")
+    for make in WORKFLOWS:
+        workflow = make()
+        path = REPO / "workflows" / workflow.file
+        path.write_text(json.dumps(build(workflow, runtime.nodes.NODE_CLASS_MAPPINGS), indent=1) + "\n")
         print(f"wrote {path.relative_to(REPO)}")
 
 

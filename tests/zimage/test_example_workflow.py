@@ -1,21 +1,11 @@
-"""The shipped Z-Image workflow file: up to date with the nodes, and runnable as the README's main job does."""
+"""The shipped Z-Image workflow file runs as the README's main job runs it (tests/foundation checks it is current)."""
 from __future__ import annotations
 
 import json
-import sys
 
 import safetensors
 
 from tests.harness.example_job import TINY_SETTINGS, WORKFLOW, example_graph, prepare_base, run_example
-from tests.harness.paths import REPO_ROOT
-
-
-def test_workflow_file_matches_the_node_definitions(comfy):
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import make_workflows
-
-    regenerated = make_workflows.build(make_workflows.zimage_workflow(), comfy.nodes.NODE_CLASS_MAPPINGS)
-    assert json.loads(WORKFLOW.read_text()) == regenerated, "run scripts/make_workflows.py after changing nodes"
 
 
 def test_converted_workflow_has_every_active_node_and_no_muted_one(comfy):
