@@ -6,10 +6,13 @@ loaders work just as well.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..dopsd_core import schedules
+
+Schedule = Callable[[int], torch.Tensor]  # the image's token count -> sigmas ending at 0
 
 
 @dataclass(frozen=True)
@@ -19,32 +22,24 @@ class Family:
     text_encoder: str
     vae: str
     clip_type: str  # a comfy.sd.CLIPType member name
-    inference_steps: int
-    teacher_context: str  # "vlm" or "reference"
-
-    def inference_sigmas(self, image_tokens: int) -> torch.Tensor | None:
-        if self.name == ZIMAGE_TURBO.name:
-            return schedules.zimage_turbo_inference_sigmas()
-        if self.teacher_context == "reference":
-            return schedules.flux2_klein_sigmas(self.inference_steps, image_tokens)
-        return None
-
-    def training_sigmas(self, image_tokens: int) -> torch.Tensor | None:
-        if self.name == ZIMAGE_TURBO.name:
-            return schedules.zimage_turbo_training_sigmas(4)
-        if self.teacher_context == "reference":
-            return schedules.flux2_klein_sigmas(4, image_tokens)
-        return None
+    inference_sigmas: Schedule  # what the family generates with
+    training_sigmas: Schedule  # the authors' D-OPSD roll-out schedule
 
 
+def klein_four_steps(image_tokens: int) -> torch.Tensor:
+    """klein samples and trains on its own 4-step schedule, shifted for the image size."""
+    return schedules.flux2_klein_sigmas(4, image_tokens)
+
+
+# Z-Image-Turbo's schedules do not depend on the image size.
 ZIMAGE_TURBO = Family(
     name="Z-Image-Turbo",
     diffusion_model="z_image_turbo_bf16.safetensors",
     text_encoder="qwen_3_4b.safetensors",
     vae="ae.safetensors",
     clip_type="LUMINA2",
-    inference_steps=8,
-    teacher_context="vlm",
+    inference_sigmas=lambda image_tokens: schedules.zimage_turbo_inference_sigmas(),
+    training_sigmas=lambda image_tokens: schedules.zimage_turbo_training_sigmas(4),
 )
 FLUX2_KLEIN_4B = Family(
     name="FLUX.2-klein 4B",
@@ -52,8 +47,8 @@ FLUX2_KLEIN_4B = Family(
     text_encoder="qwen_3_4b.safetensors",
     vae="flux2-vae.safetensors",
     clip_type="FLUX2",
-    inference_steps=4,
-    teacher_context="reference",
+    inference_sigmas=klein_four_steps,
+    training_sigmas=klein_four_steps,
 )
 FLUX2_KLEIN_9B = Family(
     name="FLUX.2-klein 9B",
@@ -61,8 +56,8 @@ FLUX2_KLEIN_9B = Family(
     text_encoder="qwen_3_8b.safetensors",
     vae="flux2-vae.safetensors",
     clip_type="FLUX2",
-    inference_steps=4,
-    teacher_context="reference",
+    inference_sigmas=klein_four_steps,
+    training_sigmas=klein_four_steps,
 )
 FAMILIES = {f.name: f for f in (ZIMAGE_TURBO, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B)}
 CUSTOM = "custom"
