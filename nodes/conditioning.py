@@ -16,7 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from .dataset import DATASET, DatasetItem
+from .dataset import DATASET
 from .errors import node_error
 from .teacher_vlm import VisionWeightsError, VLMTeacherEncoder
 
@@ -57,12 +57,9 @@ def encode_prompt(clip, prompt: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
 
 
-def encode_latent(vae, item: DatasetItem) -> torch.Tensor:
-    return vae.encode(item.image[..., :3]).cpu()
-
-
-def free_device_memory_for(num_bytes: int, device) -> None:
-    comfy.model_management.free_memory(num_bytes, device)
+def encode_image(vae, image: torch.Tensor) -> torch.Tensor:
+    """An IMAGE [1, H, W, C] -> its latent in the VAE's space, on the CPU (the VAEEncode path)."""
+    return vae.encode(image[..., :3]).cpu()
 
 
 class DOPSDTeacherContextVLM(io.ComfyNode):
@@ -97,7 +94,7 @@ class DOPSDTeacherContextVLM(io.ComfyNode):
         device = comfy.model_management.text_encoder_device()
         clip_state = clip.get_sd()
         dtype = next(iter(clip_state.values())).dtype
-        free_device_memory_for(sum(t.numel() * t.element_size() for t in clip_state.values()) * 2, device)
+        comfy.model_management.free_memory(sum(t.numel() * t.element_size() for t in clip_state.values()) * 2, device)
         tokenizer_dir = os.path.join(os.path.dirname(comfy.text_encoders.z_image.__file__), "qwen25_tokenizer")
         try:
             teacher = VLMTeacherEncoder.build(clip_state, vision_path, tokenizer_dir, device, dtype)
@@ -108,7 +105,7 @@ class DOPSDTeacherContextVLM(io.ComfyNode):
                 EncodedItem(
                     name=item.name,
                     image=item.image,
-                    latent=encode_latent(vae, item),
+                    latent=encode_image(vae, item.image),
                     pairs=tuple(
                         EncodedPair(
                             prompt=prompt,

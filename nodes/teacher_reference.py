@@ -11,11 +11,10 @@ prompt that tells the model what to do with it. The student sees what it will se
 """
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from .comfy_compat import with_reference_latents
-from .conditioning import TRAINING_SET, EncodedItem, EncodedPair, encode_prompt
+from .conditioning import TRAINING_SET, EncodedItem, EncodedPair, encode_image, encode_prompt
 from .dataset import DATASET, DatasetItem
 from .errors import node_error
 
@@ -37,35 +36,36 @@ def append_instruction(prompt: str, instruction: str) -> str:
     return f"{prompt} {instruction}".strip()
 
 
-def encode_image(vae, image: torch.Tensor) -> torch.Tensor:
-    """An IMAGE [1, H, W, C] -> its latent in the VAE's space, on the CPU (the VAEEncode path)."""
-    return vae.encode(image[..., :3]).cpu()
-
-
-def instruction_input(default: str, tooltip: str):
-    return io.String.Input("instruction", multiline=True, default=default, tooltip=tooltip)
+def teacher_schema(node_id: str, display_name: str, description: str, dataset_tooltip: str, instruction: str,
+                   instruction_tooltip: str) -> io.Schema:
+    """Both klein teacher nodes take the same inputs; they differ in the dataset layout and the instruction."""
+    return io.Schema(
+        node_id=node_id,
+        display_name=display_name,
+        category="D-OPSD",
+        description=description,
+        inputs=[
+            io.Clip.Input("clip", tooltip="The model's text encoder (klein: qwen_3_4b / qwen_3_8b, type flux2)."),
+            io.Vae.Input("vae", tooltip="Encodes the images into reference latents."),
+            DATASET.Input("dataset", tooltip=dataset_tooltip),
+            io.String.Input("instruction", multiline=True, default=instruction, tooltip=instruction_tooltip),
+        ],
+        outputs=[TRAINING_SET.Output(display_name="training_set")],
+    )
 
 
 class DOPSDTeacherContextReference(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DOPSDTeacherContextReference",
-            display_name="Teacher Context: Reference Image (D-OPSD, FLUX.2-klein)",
-            category="D-OPSD",
-            description=(
-                "Editing-branch teacher for concept LoRAs: the teacher gets the prompt with an appended instruction "
-                "plus the target image as a reference latent (as the ReferenceLatent node attaches it); the student "
-                "gets the prompt alone. For FLUX.2-klein, or any model that accepts reference latents."
-            ),
-            inputs=[
-                io.Clip.Input("clip", tooltip="The model's text encoder (klein: qwen_3_4b / qwen_3_8b, type flux2)."),
-                io.Vae.Input("vae", tooltip="Encodes the target images into reference latents."),
-                DATASET.Input("dataset", tooltip="Image–text pairs (not edit triples)."),
-                instruction_input(DEFAULT_REFERENCE_INSTRUCTION,
-                                  "Appended to every prompt on the teacher side only. Empty: the prompt alone."),
-            ],
-            outputs=[TRAINING_SET.Output(display_name="training_set")],
+        return teacher_schema(
+            "DOPSDTeacherContextReference",
+            "Teacher Context: Reference Image (D-OPSD, FLUX.2-klein)",
+            "Editing-branch teacher for concept LoRAs: the teacher gets the prompt with an appended instruction plus "
+            "the target image as a reference latent (as the ReferenceLatent node attaches it); the student gets the "
+            "prompt alone. For FLUX.2-klein, or any model that accepts reference latents.",
+            dataset_tooltip="Image–text pairs (not edit triples).",
+            instruction=DEFAULT_REFERENCE_INSTRUCTION,
+            instruction_tooltip="Appended to every prompt on the teacher side only. Empty: the prompt alone.",
         )
 
     @classmethod
@@ -89,23 +89,15 @@ class DOPSDTeacherContextReference(io.ComfyNode):
 class DOPSDTeacherContextEdit(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="DOPSDTeacherContextEdit",
-            display_name="Teacher Context: Edit Tuning (D-OPSD, FLUX.2-klein)",
-            category="D-OPSD",
-            description=(
-                "Edit tuning on (source images, instruction, target) triples. Student: the sources as reference "
-                "latents + the instruction, as at inference. Teacher: the sources and the target as the last "
-                "reference + the instruction with an appended note that the last image is the expected result."
-            ),
-            inputs=[
-                io.Clip.Input("clip", tooltip="The model's text encoder (klein: qwen_3_4b / qwen_3_8b, type flux2)."),
-                io.Vae.Input("vae", tooltip="Encodes sources and targets into reference latents."),
-                DATASET.Input("dataset", tooltip="Edit triples: a folder whose metadata.jsonl lists sources and target."),
-                instruction_input(DEFAULT_EDIT_INSTRUCTION,
-                                  "Appended to every edit instruction on the teacher side only. Empty: nothing."),
-            ],
-            outputs=[TRAINING_SET.Output(display_name="training_set")],
+        return teacher_schema(
+            "DOPSDTeacherContextEdit",
+            "Teacher Context: Edit Tuning (D-OPSD, FLUX.2-klein)",
+            "Edit tuning on (source images, instruction, target) triples. Student: the sources as reference latents "
+            "+ the instruction, as at inference. Teacher: the sources and the target as the last reference + the "
+            "instruction with an appended note that the last image is the expected result.",
+            dataset_tooltip="Edit triples: a folder whose metadata.jsonl lists sources and target.",
+            instruction=DEFAULT_EDIT_INSTRUCTION,
+            instruction_tooltip="Appended to every edit instruction on the teacher side only. Empty: nothing.",
         )
 
     @classmethod
