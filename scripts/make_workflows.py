@@ -19,6 +19,19 @@ if str(REPO) not in sys.path:
 
 from scripts.workflow_builder import MUTED, Group, Node, Workflow, build  # noqa: E402
 
+def concept_dataset_group(folder: str) -> Group:
+    return Group("2 · Your images", (
+        f"## 2 · Dataset\n4–20 images in `ComfyUI/input/{folder}/`, each with a same-name `.txt` caption: one prompt "
+        "variant per line, `[trigger]` where the concept goes. Images are cropped into ~1 MP aspect-ratio buckets."),
+        [dataset_node(folder)], column=1)
+
+
+def dataset_node(folder: str) -> Node:
+    return Node("dataset", "DOPSDDatasetFromFolder", {"folder": folder, "trigger_word": "sks", "placeholder": "[trigger]",
+                                                      "megapixels": 1.0, "bucket_multiple": 64,
+                                                      "allow_outside_input": False})
+
+
 def zimage_workflow() -> Workflow:
     lora = "dopsd/my_concept"
     return Workflow("zimage_turbo_dopsd_finetune_then_generate.json", [
@@ -31,13 +44,7 @@ def zimage_workflow() -> Workflow:
             [Node("load", "DOPSDLoadModel", {"family": "Z-Image-Turbo", "diffusion_model": "z_image_turbo_bf16.safetensors",
                                              "text_encoder": "qwen_3_4b.safetensors", "text_encoder_type": "from preset",
                                              "vae": "ae.safetensors"})], column=0),
-        Group("2 · Your images", (
-            "## 2 · Dataset\n4–20 images in `ComfyUI/input/dopsd/my_concept/`, each with a same-name `.txt` caption: "
-            "one prompt variant per line, `[trigger]` where the concept goes. Images are cropped into ~1 MP "
-            "aspect-ratio buckets."),
-            [Node("dataset", "DOPSDDatasetFromFolder", {"folder": "dopsd/my_concept", "trigger_word": "sks",
-                                                        "placeholder": "[trigger]", "megapixels": 1.0,
-                                                        "bucket_multiple": 64, "allow_outside_input": False})], column=1),
+        concept_dataset_group("dopsd/my_concept"),
         Group("3 · Teacher context (VLM)", (
             "## 3 · Teacher = prompt + your image\nQwen3-VL built from Z-Image's own text encoder plus the Qwen3-VL-4B "
             "vision weights (`models/clip_vision/`, see the README). Every image and prompt variant is encoded once; "
@@ -199,14 +206,7 @@ def klein_concept_workflow() -> Workflow:
     prompt = "a photo of sks, in a sunlit garden"
     return Workflow(KLEIN_CONCEPT_FILE, [
         klein_load_group(),
-        Group("2 · Your images", (
-            "## 2 · Dataset\n4–20 images in `ComfyUI/input/dopsd/my_klein_concept/`, each with a same-name `.txt` "
-            "caption: one prompt variant per line, `[trigger]` where the concept goes. Images are cropped into "
-            "~1 MP aspect-ratio buckets."),
-            [Node("dataset", "DOPSDDatasetFromFolder", {"folder": "dopsd/my_klein_concept", "trigger_word": "sks",
-                                                        "placeholder": "[trigger]", "megapixels": 1.0,
-                                                        "bucket_multiple": 64, "allow_outside_input": False})],
-            column=1),
+        concept_dataset_group("dopsd/my_klein_concept"),
         klein_teacher_group("3 · Teacher context (editing branch), schedule per image", (
             "## 3 · Teacher = prompt + instruction + your image as reference\nThe student sees the prompt alone. "
             "The teacher sees the prompt with the instruction below appended, plus the image VAE-encoded as a "
@@ -240,10 +240,7 @@ def klein_edit_workflow() -> Workflow:
             "`metadata.jsonl`, one line per edit:\n\n`{\"sources\": [\"source_0.png\"], \"target\": "
             "\"target_0.png\", \"prompts\": [\"make [trigger] wear a red scarf\", \"...\"]}`\n\nSeveral sources "
             "per edit are fine; each image gets its own ~1 MP aspect bucket."),
-            [Node("dataset", "DOPSDDatasetFromFolder", {"folder": "dopsd/my_klein_edit", "trigger_word": "sks",
-                                                        "placeholder": "[trigger]", "megapixels": 1.0,
-                                                        "bucket_multiple": 64, "allow_outside_input": False})],
-            column=1),
+            [dataset_node("dopsd/my_klein_edit")], column=1),
         klein_teacher_group("3 · Teacher context (edit tuning), schedule per image", (
             "## 3 · Student and teacher\n**Student**: the sources as reference latents + the edit instruction, "
             "exactly as at inference. **Teacher**: the sources and the **target as the last reference** + the "
