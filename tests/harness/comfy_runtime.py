@@ -30,6 +30,10 @@ class RecordingServer:
     def send_sync(self, event, data, sid=None):
         self.messages.append((event, data))
 
+    def send_progress_text(self, text, node_id, sid=None):
+        """What nodes call as PromptServer.instance to show text on themselves (e.g. Get Image Size)."""
+        self.messages.append(("progress_text", {"node": node_id, "text": text}))
+
     def queue_updated(self):
         pass
 
@@ -89,6 +93,9 @@ class ComfyRuntime:
         self.nodes = nodes
         self.execution = execution
         self.server = RecordingServer()
+        import server
+
+        server.PromptServer.instance = self.server  # nodes reach the UI through it; no HTTP server runs here
         self.interrupt_at_progress: int | None = None
         comfy.utils.set_progress_bar_global_hook(self._progress_hook)
         self.import_errors = asyncio.run(self._init_nodes())
