@@ -160,27 +160,32 @@ def klein_save_group(lora_name: str, note: str) -> Group:
 
 def klein_generation_nodes(prefix: str, prompt: str, model: tuple[str, int], key: str = "", seed: int = 42,
                            reference_image: str | None = None, mode: int = 0) -> list[Node]:
-    """klein's 4-step recipe: Flux2Scheduler for the output size, Euler, no CFG (BasicGuider); for an edit, the
-    source image VAE-encoded and attached with ReferenceLatent."""
+    """klein's 4-step recipe: Flux2Scheduler for the output size, Euler, no CFG (BasicGuider). For an edit, the
+    source image scaled to ~1 MP, VAE-encoded and attached with ReferenceLatent; the output takes its size."""
     k = lambda name: f"{key}{name}"  # noqa: E731
     nodes = [Node(k("prompt"), "CLIPTextEncode", {"text": prompt}, {"clip": ("load", 1)}, mode=mode)]
     conditioning = (k("prompt"), 0)
+    size = {"width": KLEIN_GENERATION_SIZE, "height": KLEIN_GENERATION_SIZE}
+    size_links = {}
     if reference_image is not None:
         nodes += [
             Node(k("source"), "LoadImage", {"image": reference_image}, mode=mode),
-            Node(k("source_latent"), "VAEEncode", {}, {"pixels": (k("source"), 0), "vae": ("load", 2)}, mode=mode),
+            Node(k("source_scaled"), "ImageScaleToTotalPixels", {"upscale_method": "lanczos", "megapixels": 1.0},
+                 {"image": (k("source"), 0)}, mode=mode),
+            Node(k("source_size"), "GetImageSize", {}, {"image": (k("source_scaled"), 0)}, mode=mode),
+            Node(k("source_latent"), "VAEEncode", {}, {"pixels": (k("source_scaled"), 0), "vae": ("load", 2)},
+                 mode=mode),
             Node(k("reference"), "ReferenceLatent", {}, {"conditioning": (k("prompt"), 0),
                                                          "latent": (k("source_latent"), 0)}, mode=mode),
         ]
         conditioning = (k("reference"), 0)
+        size_links = {"width": (k("source_size"), 0), "height": (k("source_size"), 1)}
     nodes += [
         Node(k("noise"), "RandomNoise", {"noise_seed": seed}, mode=mode),
         Node(k("guider"), "BasicGuider", {}, {"model": model, "conditioning": conditioning}, mode=mode),
         Node(k("sampler"), "KSamplerSelect", {"sampler_name": "euler"}, mode=mode),
-        Node(k("sigmas"), "Flux2Scheduler",
-             {"steps": 4, "width": KLEIN_GENERATION_SIZE, "height": KLEIN_GENERATION_SIZE}, mode=mode),
-        Node(k("latent"), "EmptyFlux2LatentImage", {"width": KLEIN_GENERATION_SIZE, "height": KLEIN_GENERATION_SIZE,
-                                                     "batch_size": 1}, mode=mode),
+        Node(k("sigmas"), "Flux2Scheduler", {"steps": 4, **size}, size_links, mode=mode),
+        Node(k("latent"), "EmptyFlux2LatentImage", {**size, "batch_size": 1}, size_links, mode=mode),
         Node(k("sample"), "SamplerCustomAdvanced", {},
              {"noise": (k("noise"), 0), "guider": (k("guider"), 0), "sampler": (k("sampler"), 0),
               "sigmas": (k("sigmas"), 0), "latent_image": (k("latent"), 0)}, mode=mode),
@@ -256,9 +261,9 @@ def klein_edit_workflow() -> Workflow:
         klein_save_group(lora, "## 6 · Save\nThe LoRA goes to `models/loras/dopsd/my_klein_edit.safetensors` and "
                                "is applied from the saved file."),
         Group("7 · Edit an image in 4 steps", (
-            "## 7 · Edit\nPick the image to edit in **Load Image**; it is VAE-encoded and attached with "
-            "**ReferenceLatent**, as in klein's own edit workflows. 4 steps, no CFG. Set the output size in "
-            "Flux2Scheduler and Empty Flux 2 Latent to the source's."),
+            "## 7 · Edit\nPick the image to edit in **Load Image**; it is scaled to ~1 MP, VAE-encoded and attached "
+            "with **ReferenceLatent**, as in klein's own edit workflows, and the output takes its size. 4 steps, "
+            "no CFG."),
             klein_generation_nodes("dopsd/my_klein_edit", instruction.replace("[trigger]", "sks"), ("save", 0),
                                    reference_image=source), column=5, row=1),
         klein_stock_loader_group(lora, instruction.replace("[trigger]", "sks"), "dopsd/my_klein_edit",

@@ -41,12 +41,13 @@ class Workflow:
 
 
 def widget_values(node: Node, classes) -> list:
+    """Every widget's value in order; a widget fed by a link keeps its value and slot, as the web UI saves it."""
     input_types = classes[node.type].INPUT_TYPES()
     values = []
     for section in ("required", "optional"):
         for name, (input_type, *rest) in input_types.get(section, {}).items():
             options = rest[0] if rest else {}
-            if not is_widget(input_type) or name in node.links:
+            if not is_widget(input_type):
                 continue
             values.append(node.widgets[name] if name in node.widgets else options.get("default"))
             if has_control_widget(name, input_type, options):
@@ -95,6 +96,9 @@ def build(workflow: Workflow, classes) -> dict:
             node_id = ids[node.key]
             node_inputs = [{"name": list(node.links)[link[4]], "type": link[5], "link": link[0]}
                            for link in links if link[3] == node_id]
+            for socket in node_inputs:
+                if is_widget(socket["type"]):
+                    socket["widget"] = {"name": socket["name"]}
             output_names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
             node_outputs = [{"name": output_names[i], "type": t, "slot_index": i,
                              "links": [l[0] for l in links if l[1] == node_id and l[2] == i]}

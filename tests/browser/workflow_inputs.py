@@ -32,7 +32,10 @@ def tiny_settings(api_graph: dict, tag: str) -> dict[str, dict]:
         elif kind == "DOPSDSaveLoRA":
             values["lora_name"] = f"dopsd/browser_{tag}"
         elif kind in ("EmptyFlux2LatentImage", "Flux2Scheduler", "EmptySD3LatentImage"):
-            values.update({k: v for k, v in TINY_SIZE.items() if k in node["inputs"]})
+            # A size fed by a link (an edit's output follows its source image) stays linked.
+            values.update({k: v for k, v in TINY_SIZE.items() if not isinstance(node["inputs"].get(k, []), list)})
+        elif kind == "ImageScaleToTotalPixels":
+            values["megapixels"] = 0.01  # its minimum
         elif kind == "DOPSDLoadModel" and str(node["inputs"].get("family", "")).startswith("FLUX.2-klein"):
             values["text_encoder_type"] = KLEIN_TEXT_ENCODER_TYPE_0_3_75
         if values:

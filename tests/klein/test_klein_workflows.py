@@ -7,14 +7,14 @@ FLUX.2-klein text encoder (CLIPType FLUX2), so the loader's text_encoder_type "f
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import safetensors
+from PIL import Image
 
 from tests.harness.paths import REPO_ROOT
 from tests.harness.ui_workflow import input_spec_from_object_info, to_api
-from tests.klein.klein_data import write_concept_folder, write_edit_folder
+from tests.klein.klein_data import save, scene, write_concept_folder, write_edit_folder
 from tests.klein.klein_graphs import TEXT_ENCODER_TYPE_0_3_75, TINY_MEGAPIXELS
 from scripts.make_workflows import klein_concept_workflow, klein_edit_workflow
 
@@ -25,6 +25,7 @@ TINY_SETTINGS = {
                    "preview_every": 1},
     "Flux2Scheduler": {"width": 64, "height": 64},
     "EmptyFlux2LatentImage": {"width": 64, "height": 64},
+    "ImageScaleToTotalPixels": {"megapixels": 0.01},  # its minimum: about 102x102 px
 }
 
 
@@ -38,7 +39,10 @@ def workflow_file(make) -> dict:
 def tiny_graph(comfy, workflow: dict) -> dict:
     graph = to_api(workflow, lambda node_type: input_spec_from_object_info(comfy.object_info(node_type)))
     for node in graph.values():
-        node["inputs"].update(TINY_SETTINGS.get(node["class_type"], {}))
+        inputs = node["inputs"]
+        # Widgets fed by a link (the edit's output size, from the source image) keep their link.
+        inputs.update({name: value for name, value in TINY_SETTINGS.get(node["class_type"], {}).items()
+                       if not isinstance(inputs.get(name), list)})
     return graph
 
 
@@ -56,7 +60,7 @@ def test_workflow_runs_and_ends_in_4_step_generation_with_the_saved_lora(comfy, 
         write_edit_folder(comfy_base / "input" / dataset)
         image = graph[only(graph, "LoadImage")]["inputs"]["image"]
         assert image == "example.png", "the image every ComfyUI install has in input/"
-        shutil.copy(comfy_base / "input" / dataset / "source_0.png", comfy_base / "input" / image)
+        save(scene(96, 64, seed=5), comfy_base / "input" / image)  # landscape: the edit's output must follow it
     else:
         write_concept_folder(comfy_base / "input" / dataset)
 
@@ -80,3 +84,8 @@ def test_workflow_runs_and_ends_in_4_step_generation_with_the_saved_lora(comfy, 
     assert len(saved) == 1 and saved[0]["filename"].startswith(lora_name.split("/")[-1])
     checkpoints = comfy_base / "output" / "dopsd" / "checkpoints" / lora_name.split("/")[-1]
     assert [c.name for c in sorted(checkpoints.iterdir())] == ["step_000002"]
+    if make is klein_edit_workflow:
+        source_size = run.output(only(graph, "GetImageSize"))[:2]
+        with Image.open(comfy_base / "output" / saved[0]["subfolder"] / saved[0]["filename"]) as edited:
+            assert edited.size == tuple(side // 16 * 16 for side in source_size), "the output takes the source's size"
+        assert source_size[0] > source_size[1], "the landscape source was scaled, not cropped square"
