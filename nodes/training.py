@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import comfy.model_management
 import comfy.utils
@@ -11,6 +12,7 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 from safetensors import SafetensorError
+from server import PromptServer
 
 from ..dopsd_core import (
     DualLora,
@@ -91,6 +93,7 @@ class DOPSDTrain(io.ComfyNode):
                 io.LossMap.Output(display_name="loss"),
                 io.Latent.Output(display_name="previews", tooltip="The student's few-step result during training."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -120,7 +123,7 @@ class DOPSDTrain(io.ComfyNode):
         )
         with torch.inference_mode(False), torch.enable_grad():
             lora, losses, previews = train(model, training_set, sigmas, config, LoraSpec(rank, alpha, targets, seed=seed),
-                                           gradient_checkpointing, resume, preview_every)
+                                           gradient_checkpointing, resume, preview_every, cls.hidden.unique_id)
         metadata = {
             "dopsd.method": objective, "dopsd.base_model": base_model_name(model), "dopsd.steps": str(steps),
             "dopsd.rank": str(rank), "dopsd.alpha": str(alpha), "dopsd.lora_targets": targets,
@@ -144,11 +147,22 @@ def lora_targets_for(model, requested: str, node) -> str:
     return targets
 
 
+def progress_text(step: int, total: int, loss: float, seconds_per_step: float) -> str:
+    """What the node shows while training: the step, the last loss and the time left at the pace so far."""
+    text = f"step {step}/{total} · loss {loss:.4f}"
+    if step < total:
+        minutes_left = (total - step) * seconds_per_step / 60
+        hours, minutes = divmod(round(minutes_left), 60)
+        text += f" · about {hours} h {minutes:02d} min left" if hours else f" · about {max(minutes, 1)} min left"
+    return text
+
+
 def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,
-          gradient_checkpointing: bool, resume: bool, preview_every: int):
+          gradient_checkpointing: bool, resume: bool, preview_every: int, node_id: str | None = None):
     """Run the trainer inside a loaded model session; the adapters are always removed again, also on error.
 
-    Items that carry their own schedule (EncodedItem.sigmas) are rolled out on it, the others on `sigmas`."""
+    Items that carry their own schedule (EncodedItem.sigmas) are rolled out on it, the others on `sigmas`.
+    With the node's `node_id`, the step, loss and time left are shown on the node as training goes."""
     latent_shape = tuple(training_set[0].latent.shape)
     diffusion_model = model.model.diffusion_model
     with model_session(model, latent_shape, training=True) as session:
@@ -168,6 +182,7 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
             progress.update_absolute(trainer.step)
             previewer = latent_preview.get_previewer(session.device, model.model.latent_format)
             preview = StudentPreview(session, items[0], trainer.schedule_for(items[0]), adapters)
+            first_step, started = trainer.step, time.perf_counter()
 
             def on_step(report):
                 losses.append(report.loss)
@@ -178,6 +193,10 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
                     if previewer is not None:
                         shown = previewer.decode_latent_to_preview_image("JPEG", latent)
                 progress.update_absolute(report.step, config.steps, shown)
+                if node_id is not None:
+                    seconds_per_step = (time.perf_counter() - started) / (report.step - first_step)
+                    PromptServer.instance.send_progress_text(
+                        progress_text(report.step, config.steps, report.loss, seconds_per_step), node_id)
                 logging.info("DOPSDTrain step %d/%d loss %.5f grad-norm %.3f", report.step, config.steps,
                              report.loss, report.grad_norm)
 

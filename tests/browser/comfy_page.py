@@ -175,6 +175,13 @@ class ComfyPage:
                                                    && !w.options.values.includes(w.value))
                                           .map(w => `${w.name}=${JSON.stringify(w.value)}`)}))""")
 
+    def node_text(self, node_id: str) -> str | None:
+        """The text the canvas shows on a node for the server's progress text (the frontend's text-preview widget)."""
+        return self.js("""
+            const node = window.app.graph.getNodeById(Number(arguments[0]));
+            const widget = (node?.widgets || []).find(w => w.name === '$$node-text-preview');
+            return widget ? widget.value : null;""", node_id)
+
     def set_widgets(self, node_id: str, values: dict) -> None:
         missing = self.js("""
             const node = window.app.graph.getNodeById(Number(arguments[0]));

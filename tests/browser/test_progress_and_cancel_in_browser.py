@@ -77,11 +77,14 @@ def test_progress_cancel_and_resume_from_the_ui(page, browser_server, comfy_base
     page.clear_events()
     page.run()
 
-    titles, deadline = [], time.monotonic() + 300
+    titles, node_texts, deadline = [], [], time.monotonic() + 300
     while True:
         shown = page.title_node_progress()
         if shown and shown[1] == "DOPSDTrain" and (not titles or titles[-1] != shown[0]):
             titles.append(shown[0])
+        text = page.node_text(train_id)
+        if text and (not node_texts or node_texts[-1] != text):
+            node_texts.append(text)
         done = train_progress(page.events("progress"), train_id)
         if done and done[-1] >= CANCEL_AT:
             break
@@ -97,8 +100,10 @@ def test_progress_cancel_and_resume_from_the_ui(page, browser_server, comfy_base
     stamps = [stamp / 1000 for _, stamp, d in page.events("progress") if str(d.get("node")) == train_id]
     step_seconds = float(np.median(np.diff(stamps))) if len(stamps) > 2 else float("nan")
 
-    # The UI showed training advance, in the tab title and in the progress it received.
+    # The UI showed training advance, in the tab title, on the node (step, loss, time left) and in its progress.
     assert len(titles) >= 3 and titles == sorted(titles), titles
+    assert any(re.fullmatch(rf"step \d+/{STEPS} · loss \d+\.\d{{4}} · about \d+ min left", t) for t in node_texts), \
+        node_texts
     assert event == "execution_interrupted" and detail["node_type"] == "DOPSDTrain", (event, detail)
     # Stopped within the roll-out step in flight: no further optimizer step completed after the click.
     progress = train_progress(page.events("progress"), train_id)
@@ -131,9 +136,13 @@ def test_progress_cancel_and_resume_from_the_ui(page, browser_server, comfy_base
     assert event == "execution_success", detail
     resumed = train_progress(page.events("progress"), train_id)
     assert resumed[0] == last and resumed[-1] == last + RESUMED_EXTRA_STEPS, resumed
+    final = last + RESUMED_EXTRA_STEPS
+    assert re.fullmatch(rf"step {final}/{final} · loss \d+\.\d{{4}}", page.node_text(train_id) or ""), \
+        page.node_text(train_id)
     assert f"resumed from {checkpoints / f'step_{last:06d}'} at step {last}" in browser_server.log()
     with safetensors.safe_open(str(lora_file), "pt") as f:
         assert f.metadata()["dopsd.steps"] == str(last + RESUMED_EXTRA_STEPS)
     print(f"cancel: clicked at step {steps_at_click}, interrupted {latency:.2f}s later (one optimizer step: "
           f"{step_seconds:.2f}s), "
-          f"completed {max(progress)} steps; resumed at step {last}; title progress seen: {titles}")
+          f"completed {max(progress)} steps; resumed at step {last}; title progress seen: {titles}; "
+          f"node text: {node_texts[-1]!r}")

@@ -9,6 +9,7 @@ import safetensors
 import torch
 
 from tests.harness.graph import Graph
+from tests.klein.klein_probe import pack_module
 from tests.zimage.zimage_graphs import fine_tune_then_generate, load_family, train, training_set
 
 LORA_NAME = "dopsd/e2e_fox"
@@ -97,3 +98,24 @@ def test_input_model_is_unchanged_by_training_cancel_and_failure(workflow_run, c
 
     assert torch.equal(sample(comfy, base_model), before)
     assert not any("lora_" in name for name, _ in base_model.model.diffusion_model.named_modules())
+
+
+def test_training_shows_step_loss_and_time_left_on_its_node(comfy, concept_folder):
+    graph, ids = fine_tune_then_generate(concept_folder, "dopsd/progress_text", steps=2)
+    run = comfy.run(graph)
+    assert run.success, run.error or run.node_errors
+    shown = [data["text"] for event, data in comfy.server.messages
+             if event == "progress_text" and data["node"] == ids["train"]]
+    losses = run.output(ids["train"])[2]["loss"]
+    assert len(shown) == 2
+    assert shown[0].startswith(f"step 1/2 · loss {losses[0]:.4f} · about ") and shown[0].endswith(" left")
+    assert shown[1] == f"step 2/2 · loss {losses[1]:.4f}"
+
+
+@pytest.mark.parametrize("step, seconds_per_step, expected", [
+    (10, 3.0, "step 10/2000 · loss 0.0500 · about 1 h 40 min left"),  # 1990 steps x 3 s = 99.5 min
+    (1990, 3.0, "step 1990/2000 · loss 0.0500 · about 1 min left"),  # 30 s
+    (1400, 6.0, "step 1400/2000 · loss 0.0500 · about 1 h 00 min left"),
+])
+def test_time_left_reads_as_minutes_or_hours_and_minutes(comfy, step, seconds_per_step, expected):
+    assert pack_module("nodes.training").progress_text(step, 2000, 0.05, seconds_per_step) == expected
