@@ -9,6 +9,7 @@ from tests.fixtures.tiny_models import write_tiny_models
 from tests.fixtures.tiny_vlm import write_tiny_vision_towers
 from tests.harness.comfy_runtime import ComfyRuntime
 from tests.harness.comfy_server import ComfyServer
+from tests.harness.node_errors import snapshot
 from tests.harness.paths import make_base_directory
 
 
@@ -42,3 +43,14 @@ def concept_folder(comfy_base) -> str:
     """A dataset folder under ComfyUI's input directory; returns its name relative to input/."""
     write_concept_images(comfy_base / "input" / "dopsd" / "fox")
     return "dopsd/fox"
+
+
+@pytest.fixture
+def user_files(comfy_base):
+    """The user's models and earlier outputs, to check that a failing run changed none of them."""
+    before = {name: snapshot(comfy_base / name) for name in ("models", "output")}
+    yield
+    after = {name: snapshot(comfy_base / name) for name in ("models", "output")}
+    assert after["models"] == before["models"]
+    assert after["output"].keys() >= before["output"].keys()
+    assert all(after["output"][k] == v for k, v in before["output"].items())

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.harness.graph import Graph
+from tests.harness.node_errors import node_error_message
 from tests.klein.klein_data import save, scene
 from tests.klein.klein_graphs import TRAIN_DEFAULTS, dataset, edit_teacher, load_klein, reference_teacher
 from tests.klein.klein_probe import pack_module
@@ -23,14 +24,6 @@ def run_to_preview(comfy, build):
     return comfy.run(g.to_api())
 
 
-def error_message(run, node: str) -> str:
-    """The failed node's message, which names that node first (the V3 API runs a copy named '<node>Clone')."""
-    assert not run.success
-    message = run.error["exception_message"]
-    assert run.error["node_type"] == node and message.startswith(node)
-    return message
-
-
 def test_flux2_text_encoder_type_is_looked_up_in_one_place(comfy):
     import comfy.sd
 
@@ -45,7 +38,7 @@ def test_klein_preset_on_a_comfyui_without_the_klein_encoder_says_to_update(comf
     g = Graph()
     loader = load_klein(g, text_encoder_type="from preset")
     g.node("PreviewAny", source=loader.out(4))
-    message = error_message(comfy.run(g.to_api()), "DOPSDLoadModel")
+    message = node_error_message(comfy.run(g.to_api()), "DOPSDLoadModel")
     assert "this ComfyUI has no text-encoder type 'flux2'" in message
     assert "update ComfyUI" in message
 
@@ -78,10 +71,10 @@ def test_the_instruction_is_appended_as_a_sentence(prompt, instruction, expected
 
 def test_each_teacher_node_refuses_the_other_dataset_layout(comfy, klein_concept_folder, klein_edit_folder):
     run = run_to_preview(comfy, lambda g, loader: reference_teacher(g, loader, dataset(g, klein_edit_folder)))
-    message = error_message(run, "DOPSDTeacherContextReference")
+    message = node_error_message(run, "DOPSDTeacherContextReference")
     assert "2 item(s) are edit triples" in message and "Edit Tuning" in message
     run = run_to_preview(comfy, lambda g, loader: edit_teacher(g, loader, dataset(g, klein_concept_folder)))
-    message = error_message(run, "DOPSDTeacherContextEdit")
+    message = node_error_message(run, "DOPSDTeacherContextEdit")
     assert "2 item(s) have no source images" in message and '"sources"' in message
 
 
@@ -101,7 +94,7 @@ def test_bad_edit_metadata_lines_are_explained(comfy, comfy_base, line, problem)
     good = {"sources": ["a.png"], "target": "b.png", "prompt": "move it"}
     (folder / "metadata.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
     run = run_to_preview(comfy, lambda g, loader: edit_teacher(g, loader, dataset(g, "dopsd/klein_bad_edit")))
-    message = error_message(run, "DOPSDDatasetFromFolder")
+    message = node_error_message(run, "DOPSDDatasetFromFolder")
     assert problem in message and "How to fix" in message
 
 
@@ -135,7 +128,7 @@ def test_train_refuses_per_image_schedules_with_another_step_count(comfy, klein_
     trained = g.node("DOPSDTrain", model=loader.out(0), training_set=scheduled, training_sigmas=loader.out(4),
                      **TRAIN_DEFAULTS)
     g.node("PreviewAny", source=trained.out(1))
-    message = error_message(comfy.run(g.to_api()), "DOPSDTrain")
+    message = node_error_message(comfy.run(g.to_api()), "DOPSDTrain")
     assert "per-image schedules have [3] steps but training_sigmas has 4" in message
 
 

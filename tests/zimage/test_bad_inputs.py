@@ -8,22 +8,8 @@ import pytest
 from tests.fixtures.tiny_dataset import write_concept_images
 from tests.fixtures.tiny_vlm import MISMATCHED_VISION_FILE
 from tests.harness.graph import Graph
+from tests.harness.node_errors import assert_node_error
 from tests.zimage.zimage_graphs import TINY_MEGAPIXELS, load_family, train, training_set
-
-
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-@pytest.fixture
-def user_files(comfy_base):
-    """The user's models and earlier outputs, to check that a failing run changed none of them."""
-    before = {name: snapshot(comfy_base / name) for name in ("models", "output")}
-    yield
-    after = {name: snapshot(comfy_base / name) for name in ("models", "output")}
-    assert after["models"] == before["models"]
-    assert after["output"].keys() >= before["output"].keys()
-    assert all(after["output"][k] == v for k, v in before["output"].items())
 
 
 def training_graph(folder: str, **train_overrides) -> dict:
@@ -32,17 +18,6 @@ def training_graph(folder: str, **train_overrides) -> dict:
     trained = train(g, loader, training_set(g, loader, folder), **train_overrides)
     g.node("LossGraphNode", loss=trained.out(2), filename_prefix="bad")
     return g.to_api()
-
-
-def assert_node_error(run, node_type: str, *fragments: str):
-    assert not run.success
-    error = run.error
-    assert error is not None and error["event"] == "execution_error", run.node_errors or run.validation_error
-    assert error["node_type"] == node_type
-    message = error["exception_message"]
-    assert "How to fix:" in message and node_type in message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 @pytest.mark.parametrize("case, fragment", [
