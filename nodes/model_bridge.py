@@ -28,6 +28,38 @@ def require_flow_model(model, node) -> None:
         )
 
 
+def require_latents_of(model, latents: list[torch.Tensor], node) -> None:
+    """The training set's latents must come from this model's VAE: a mixed-up VAE only shows up, otherwise, as
+    a matrix-shape error deep inside the model."""
+    expected = model.model.latent_format.latent_channels
+    found = sorted({latent.shape[1] for latent in latents} - {expected})
+    if found:
+        raise node_error(
+            node,
+            f"the training set's images were encoded into {'/'.join(map(str, found))}-channel latents, but this "
+            f"MODEL works on {expected}-channel latents: they come from another model's VAE",
+            "connect the VAE (and CLIP) from this MODEL's own loader to the teacher-context node",
+        )
+
+
+@contextmanager
+def explain_unreadable_conditioning(node):
+    """Shape and key errors while the model reads a training set's conditioning come from a CLIP or teacher
+    context made for another model; say so instead of showing the model's internal error alone."""
+    try:
+        yield
+    except (KeyError, RuntimeError) as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            raise
+        raise node_error(
+            node,
+            f"the MODEL cannot read the training set's conditioning ({type(err).__name__}: {err}); it was made with "
+            "another model's text encoder or teacher context",
+            "build the training set with the CLIP and VAE from this MODEL's own loader and the teacher-context node "
+            "of its family (VLM for Z-Image, Reference Image or Edit Tuning for FLUX.2-klein)",
+        ) from err
+
+
 class ModelSession:
     """A loaded MODEL with its conditionings prepared: `predict_x0(x, sigma, cond)` in the model's latent space.
 
@@ -50,6 +82,15 @@ class ModelSession:
 
     def predict_x0(self, x: torch.Tensor, sigma: torch.Tensor, prepared: list[dict]) -> torch.Tensor:
         return comfy.samplers.calc_cond_batch(self.inner, [prepared], x, sigma.to(x.device), self.model_options)[0]
+
+    def check_reads(self, prepared: list[list[dict]], latent_shape) -> None:
+        """One prediction per prepared conditioning, before any training state exists, so that a conditioning this
+        model cannot read fails early (inside `explain_unreadable_conditioning`)."""
+        x = torch.zeros(latent_shape, device=self.device)
+        sigma = torch.ones(latent_shape[0], device=self.device)
+        with torch.no_grad():
+            for conditioning in prepared:
+                self.predict_x0(x, sigma, conditioning)
 
     def to_model_space(self, latent: torch.Tensor) -> torch.Tensor:
         return self.inner.process_latent_in(latent.to(self.device))

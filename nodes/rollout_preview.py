@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..dopsd_core import rollout_preview, validate_sigmas
 from .conditioning import TRAINING_SET
 from .errors import node_error
-from .model_bridge import model_session, require_flow_model
+from .model_bridge import explain_unreadable_conditioning, model_session, require_flow_model, require_latents_of
 
 
 class DOPSDRolloutPreview(io.ComfyNode):
@@ -54,6 +54,7 @@ class DOPSDRolloutPreview(io.ComfyNode):
             raise node_error(cls, f"pair_index {pair_index} is outside the training set of {len(training_set)}",
                              f"pick 0 to {len(training_set) - 1}")
         item = training_set[pair_index]
+        require_latents_of(model, [item.latent], cls)
         if not 0 <= prompt_variant < len(item.pairs):
             raise node_error(cls, f"{item.name} has {len(item.pairs)} prompt variants, not {prompt_variant + 1}",
                              f"pick 0 to {len(item.pairs) - 1}")
@@ -62,7 +63,7 @@ class DOPSDRolloutPreview(io.ComfyNode):
             sigmas = item.sigmas
         shape = tuple(item.latent.shape)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-        with model_session(model, shape, training=False) as session:
+        with model_session(model, shape, training=False) as session, explain_unreadable_conditioning(cls):
             student, teacher = session.prepare(pair.student, shape), session.prepare(pair.teacher, shape)
             steps = rollout_preview(
                 lambda x, s: session.predict_x0(x, s, student),

@@ -31,7 +31,14 @@ from .conditioning import TRAINING_SET, EncodedItem
 from .errors import node_error
 from .families import AUTO, lora_targets, transformer_blocks
 from .lora_io import TrainedLora, apply_lora, comfy_lora_tensors
-from .model_bridge import ModelSession, make_weights_autograd_safe, model_session, require_flow_model
+from .model_bridge import (
+    ModelSession,
+    explain_unreadable_conditioning,
+    make_weights_autograd_safe,
+    model_session,
+    require_flow_model,
+    require_latents_of,
+)
 from .user_paths import resolve_inside
 
 OBJECTIVES = {"D-OPSD": "dopsd", "SFT": "sft"}
@@ -107,6 +114,7 @@ class DOPSDTrain(io.ComfyNode):
             raise node_error(cls, f"training_sigmas: {err}", "connect a schedule such as the loader's training_sigmas") from err
         if not training_set:
             raise node_error(cls, "the training set is empty", "connect a teacher-context node fed by a dataset")
+        require_latents_of(model, [item.latent for item in training_set], cls)
         own_steps = {len(item.sigmas) - 1 for item in training_set if item.sigmas is not None}
         if own_steps - {len(sigmas) - 1}:
             raise node_error(cls, f"the training set's per-image schedules have {sorted(own_steps)} steps but "
@@ -167,7 +175,10 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
     diffusion_model = model.model.diffusion_model
     with model_session(model, latent_shape, training=True) as session:
         make_weights_autograd_safe(diffusion_model)
-        items = [to_training_item(session, item) for item in training_set]
+        with explain_unreadable_conditioning(DOPSDTrain):
+            items = [to_training_item(session, item) for item in training_set]
+            first = items[0].variants[0]
+            session.check_reads([first.student_cond, first.teacher_cond], tuple(training_set[0].latent.shape))
         try:
             adapters = DualLora(diffusion_model, spec)
         except ValueError as err:
