@@ -19,6 +19,7 @@ if str(REPO) not in sys.path:
 
 from scripts.workflow_builder import MUTED, Group, Node, Workflow, build  # noqa: E402
 
+
 def concept_dataset_group(folder: str) -> Group:
     return Group("2 · Your images", (
         f"## 2 · Dataset\n4–20 images in `ComfyUI/input/{folder}/`, each with a same-name `.txt` caption: one prompt "
