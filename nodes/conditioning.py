@@ -94,6 +94,8 @@ class DOPSDTeacherContextVLM(io.ComfyNode):
         device = comfy.model_management.text_encoder_device()
         clip_state = clip.get_sd()
         dtype = next(iter(clip_state.values())).dtype
+        # The VLM holds a copy of the text encoder's language model plus a vision tower about a tenth its size;
+        # asking for twice the text encoder's size leaves room for it and for its activations.
         comfy.model_management.free_memory(sum(t.numel() * t.element_size() for t in clip_state.values()) * 2, device)
         tokenizer_dir = os.path.join(os.path.dirname(comfy.text_encoders.z_image.__file__), "qwen25_tokenizer")
         try:

@@ -20,6 +20,16 @@ def flux2_schedule_for(item: EncodedItem, steps: int):
     return flux2_klein_sigmas(steps, flux2_image_tokens(height, width))
 
 
+def require_matching_step_count(training_set: list[EncodedItem], sigmas, input_name: str, node) -> None:
+    """Per-image schedules shift the noise levels but must keep the step count of the node's own schedule, so that
+    the preview shows the roll-out that training will run."""
+    own_steps = {len(item.sigmas) - 1 for item in training_set if item.sigmas is not None}
+    if own_steps - {len(sigmas) - 1}:
+        raise node_error(node, f"the training set's per-image schedules have {sorted(own_steps)} steps but "
+                               f"{input_name} has {len(sigmas) - 1}",
+                         f"give the per-image schedule node the same schedule as this node's {input_name}")
+
+
 class DOPSDScheduleFlux2PerImage(io.ComfyNode):
     @classmethod
     def define_schema(cls):

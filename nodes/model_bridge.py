@@ -38,23 +38,24 @@ def require_latents_of(model, latents: list[torch.Tensor], node) -> None:
             node,
             f"the training set's images were encoded into {'/'.join(map(str, found))}-channel latents, but this "
             f"MODEL works on {expected}-channel latents: they come from another model's VAE",
-            "connect the VAE (and CLIP) from this MODEL's own loader to the teacher-context node",
+            "connect the VAE (and CLIP) from this MODEL's own loader to the teacher-context node, or train the MODEL "
+            "the training set was made for",
         )
 
 
 @contextmanager
 def explain_unreadable_conditioning(node):
-    """Shape and key errors while the model reads a training set's conditioning come from a CLIP or teacher
-    context made for another model; say so instead of showing the model's internal error alone."""
+    """Shape and key errors while the model first reads a training set's conditioning almost always mean a CLIP or
+    teacher context made for another model; say so, with the model's own error, instead of that error alone."""
     try:
         yield
     except (KeyError, RuntimeError) as err:
-        if isinstance(err, torch.cuda.OutOfMemoryError):
+        if isinstance(err, comfy.model_management.OOM_EXCEPTION) or "out of memory" in str(err).lower():
             raise
         raise node_error(
             node,
-            f"the MODEL cannot read the training set's conditioning ({type(err).__name__}: {err}); it was made with "
-            "another model's text encoder or teacher context",
+            f"the MODEL cannot read the training set's conditioning ({type(err).__name__}: {err}); it was probably "
+            "made with another model's text encoder or teacher context",
             "build the training set with the CLIP and VAE from this MODEL's own loader and the teacher-context node "
             "of its family (VLM for Z-Image, Reference Image or Edit Tuning for FLUX.2-klein)",
         ) from err

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 from ..dopsd_core import rollout_preview, validate_sigmas
 from .conditioning import TRAINING_SET
 from .errors import node_error
+from .item_schedules import require_matching_step_count
 from .model_bridge import explain_unreadable_conditioning, model_session, require_flow_model, require_latents_of
 
 
@@ -59,12 +60,15 @@ class DOPSDRolloutPreview(io.ComfyNode):
             raise node_error(cls, f"{item.name} has {len(item.pairs)} prompt variants, not {prompt_variant + 1}",
                              f"pick 0 to {len(item.pairs) - 1}")
         pair = item.pairs[prompt_variant]
+        require_matching_step_count([item], sigmas, "sigmas", cls)
         if item.sigmas is not None:
             sigmas = item.sigmas
         shape = tuple(item.latent.shape)
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-        with model_session(model, shape, training=False) as session, explain_unreadable_conditioning(cls):
-            student, teacher = session.prepare(pair.student, shape), session.prepare(pair.teacher, shape)
+        with model_session(model, shape, training=False) as session:
+            with explain_unreadable_conditioning(cls):
+                student, teacher = session.prepare(pair.student, shape), session.prepare(pair.teacher, shape)
+                session.check_reads([student, teacher], shape)
             steps = rollout_preview(
                 lambda x, s: session.predict_x0(x, s, student),
                 lambda x, s: session.predict_x0(x, s, teacher),

@@ -46,7 +46,8 @@ def teacher_schema(node_id: str, display_name: str, description: str, dataset_to
         description=description,
         inputs=[
             io.Clip.Input("clip", tooltip="The model's text encoder (klein: qwen_3_4b / qwen_3_8b, type flux2)."),
-            io.Vae.Input("vae", tooltip="Encodes the images into reference latents."),
+            io.Vae.Input("vae", tooltip="The MODEL's own VAE (same loader): encodes the targets (and edit sources) "
+                                        "into the latents attached as references and trained toward."),
             DATASET.Input("dataset", tooltip=dataset_tooltip),
             io.String.Input("instruction", multiline=True, default=instruction, tooltip=instruction_tooltip),
         ],

@@ -11,6 +11,7 @@ import folder_paths
 import latent_preview
 import torch
 from comfy_api.latest import io
+from comfy_execution.utils import get_executing_context
 from safetensors import SafetensorError
 from server import PromptServer
 
@@ -30,6 +31,7 @@ from ..dopsd_core import (
 from .conditioning import TRAINING_SET, EncodedItem
 from .errors import node_error
 from .families import AUTO, lora_targets, transformer_blocks
+from .item_schedules import require_matching_step_count
 from .lora_io import TrainedLora, apply_lora, comfy_lora_tensors
 from .model_bridge import (
     ModelSession,
@@ -100,7 +102,6 @@ class DOPSDTrain(io.ComfyNode):
                 io.LossMap.Output(display_name="loss"),
                 io.Latent.Output(display_name="previews", tooltip="The student's few-step result during training."),
             ],
-            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -115,11 +116,7 @@ class DOPSDTrain(io.ComfyNode):
         if not training_set:
             raise node_error(cls, "the training set is empty", "connect a teacher-context node fed by a dataset")
         require_latents_of(model, [item.latent for item in training_set], cls)
-        own_steps = {len(item.sigmas) - 1 for item in training_set if item.sigmas is not None}
-        if own_steps - {len(sigmas) - 1}:
-            raise node_error(cls, f"the training set's per-image schedules have {sorted(own_steps)} steps but "
-                                  f"training_sigmas has {len(sigmas) - 1}",
-                             "give the per-image schedule node the same training_sigmas as this node")
+        require_matching_step_count(training_set, sigmas, "training_sigmas", cls)
         targets = lora_targets_for(model, lora_targets, cls)
         checkpoint_dir = None
         if checkpoint_every > 0 or resume:
@@ -131,7 +128,7 @@ class DOPSDTrain(io.ComfyNode):
         )
         with torch.inference_mode(False), torch.enable_grad():
             lora, losses, previews = train(model, training_set, sigmas, config, LoraSpec(rank, alpha, targets, seed=seed),
-                                           gradient_checkpointing, resume, preview_every, cls.hidden.unique_id)
+                                           gradient_checkpointing, resume, preview_every)
         metadata = {
             "dopsd.method": objective, "dopsd.base_model": base_model_name(model), "dopsd.steps": str(steps),
             "dopsd.rank": str(rank), "dopsd.alpha": str(alpha), "dopsd.lora_targets": targets,
@@ -166,11 +163,11 @@ def progress_text(step: int, total: int, loss: float, seconds_per_step: float) -
 
 
 def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,
-          gradient_checkpointing: bool, resume: bool, preview_every: int, node_id: str | None = None):
+          gradient_checkpointing: bool, resume: bool, preview_every: int):
     """Run the trainer inside a loaded model session; the adapters are always removed again, also on error.
 
     Items that carry their own schedule (EncodedItem.sigmas) are rolled out on it, the others on `sigmas`.
-    With the node's `node_id`, the step, loss and time left are shown on the node as training goes."""
+    The step, loss and time left are shown on the running node as training goes."""
     latent_shape = tuple(training_set[0].latent.shape)
     diffusion_model = model.model.diffusion_model
     with model_session(model, latent_shape, training=True) as session:
@@ -178,7 +175,7 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
         with explain_unreadable_conditioning(DOPSDTrain):
             items = [to_training_item(session, item) for item in training_set]
             first = items[0].variants[0]
-            session.check_reads([first.student_cond, first.teacher_cond], tuple(training_set[0].latent.shape))
+            session.check_reads([first.student_cond, first.teacher_cond], latent_shape)
         try:
             adapters = DualLora(diffusion_model, spec)
         except ValueError as err:
@@ -193,7 +190,10 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
             progress.update_absolute(trainer.step)
             previewer = latent_preview.get_previewer(session.device, model.model.latent_format)
             preview = StudentPreview(session, items[0], trainer.schedule_for(items[0]), adapters)
-            first_step, started = trainer.step, time.perf_counter()
+            # The node's id comes from the executor's context, not a hidden UNIQUE_ID input: ComfyUI puts the id of
+            # nodes that declare one into their cache key (V1 nodes in 0.3.75), and a copied Train node would retrain.
+            context = get_executing_context()
+            start_step, started = trainer.step, time.perf_counter()
 
             def on_step(report):
                 losses.append(report.loss)
@@ -204,10 +204,11 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
                     if previewer is not None:
                         shown = previewer.decode_latent_to_preview_image("JPEG", latent)
                 progress.update_absolute(report.step, config.steps, shown)
-                if node_id is not None:
-                    seconds_per_step = (time.perf_counter() - started) / (report.step - first_step)
+                if context is not None:
+                    seconds_per_step = (time.perf_counter() - started) / (report.step - start_step)
                     PromptServer.instance.send_progress_text(
-                        progress_text(report.step, config.steps, report.loss, seconds_per_step), node_id)
+                        progress_text(report.step, config.steps, report.loss, seconds_per_step), context.node_id,
+                        PromptServer.instance.client_id)
                 logging.info("DOPSDTrain step %d/%d loss %.5f grad-norm %.3f", report.step, config.steps,
                              report.loss, report.grad_norm)
 

@@ -9,8 +9,8 @@ from tests.fixtures.tiny_models import write_tiny_models
 from tests.fixtures.tiny_vlm import write_tiny_vision_towers
 from tests.harness.comfy_runtime import ComfyRuntime
 from tests.harness.comfy_server import ComfyServer
-from tests.harness.node_errors import snapshot
 from tests.harness.paths import make_base_directory
+from tests.klein.klein_data import write_concept_folder
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +43,17 @@ def concept_folder(comfy_base) -> str:
     """A dataset folder under ComfyUI's input directory; returns its name relative to input/."""
     write_concept_images(comfy_base / "input" / "dopsd" / "fox")
     return "dopsd/fox"
+
+
+@pytest.fixture(scope="session")
+def klein_concept_folder(comfy_base) -> str:
+    """FLUX.2-klein concept pairs: two images in different aspect buckets (80x48 and 64x64 px at the tiny size)."""
+    write_concept_folder(comfy_base / "input" / "dopsd" / "klein_concept")
+    return "dopsd/klein_concept"
+
+
+def snapshot(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .paths import comfy_flags, comfyui_dir
+from .paths import PACK_DIR_NAME, comfy_flags, comfyui_dir
+
+
+def pack_module(name: str):
+    """A module of the pack as ComfyUI imported it, e.g. "nodes.training" (custom nodes are registered under their
+    path, not under the names this repository's own imports use)."""
+    root = next(key for key in sys.modules if key.endswith(PACK_DIR_NAME))
+    return sys.modules[f"{root}.{name}"]
 
 
 @dataclass

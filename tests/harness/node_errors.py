@@ -1,8 +1,6 @@
 """Checks on the errors users see: a failed node's message names that node, says what is wrong and how to fix it."""
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def node_error_message(run, node_type: str) -> str:
     """The message of the node that failed the run; it must be `node_type` (not ComfyUI's '<node>Clone' copy)."""
@@ -20,6 +18,3 @@ def assert_node_error(run, node_type: str, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in message, message
 
-
-def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}

@@ -3,16 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.klein.klein_data import write_concept_folder, write_edit_folder, write_single_image_folder
+from tests.klein.klein_data import write_edit_folder, write_single_image_folder
 
 REFERENCE_CAPTION = "a photo of [trigger] on a gradient"
-
-
-@pytest.fixture(scope="session")
-def klein_concept_folder(comfy_base) -> str:
-    """Two concept images in different aspect buckets (80x48 and 64x64 px at the tiny bucket size)."""
-    write_concept_folder(comfy_base / "input" / "dopsd" / "klein_concept")
-    return "dopsd/klein_concept"
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,12 @@
-"""Looking inside a run: the pack's own modules as ComfyUI loaded them, x0 predictions, fixed-noise roll-outs."""
+"""Looking inside a run: x0 predictions at a fixed noisy state, fixed-noise roll-outs."""
 from __future__ import annotations
-
-import sys
 
 import torch
 
-from tests.harness.paths import PACK_DIR_NAME
+from tests.harness.comfy_runtime import pack_module
 
 PROBE_SIGMA = 0.7
 PROBE_SEED = 3
-
-
-def pack_module(name: str):
-    """A module of the pack as ComfyUI imported it (custom nodes are registered under their path)."""
-    root = next(key for key in sys.modules if key.endswith(PACK_DIR_NAME))
-    return sys.modules[f"{root}.{name}"]
 
 
 def predict_x0(model, conditionings: list[list], shape: tuple[int, ...], sigma: float = PROBE_SIGMA) -> list[torch.Tensor]:

@@ -16,7 +16,8 @@ from tests.klein.klein_graphs import (
     load_klein,
     reference_teacher,
 )
-from tests.klein.klein_probe import pack_module, predict_x0, relative_change, sample_with_noise
+from tests.harness.comfy_runtime import pack_module
+from tests.klein.klein_probe import predict_x0, relative_change, sample_with_noise
 
 LORA_NAME = "dopsd/e2e_klein_concept"
 

@@ -10,7 +10,7 @@ from tests.harness.graph import Graph
 from tests.harness.node_errors import node_error_message
 from tests.klein.klein_data import save, scene
 from tests.klein.klein_graphs import TRAIN_DEFAULTS, dataset, edit_teacher, load_klein, reference_teacher
-from tests.klein.klein_probe import pack_module
+from tests.harness.comfy_runtime import pack_module
 
 
 def run_to_preview(comfy, build):
@@ -153,3 +153,16 @@ def test_preview_rolls_each_image_out_on_its_own_schedule_as_training_does(comfy
               for name, node in (("per_image", per_image), ("stock", stock_64px), ("preset", preset_1024px))}
     torch.testing.assert_close(states["per_image"], states["stock"], atol=1e-5, rtol=1e-5)
     assert (states["per_image"] - states["preset"]).abs().max() > 1e-3, "the preset's 1024² schedule was used"
+
+
+def test_preview_refuses_per_image_schedules_with_another_step_count(comfy, klein_reference_folders):
+    g = Graph()
+    loader = load_klein(g)
+    scheduled = g.node("DOPSDScheduleFlux2PerImage", training_set=reference_teacher(
+        g, loader, dataset(g, klein_reference_folders[0])), training_sigmas=loader.out(4))
+    three_steps = g.node("Flux2Scheduler", steps=3, width=64, height=64)
+    preview = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=scheduled,
+                     sigmas=three_steps, pair_index=0, prompt_variant=0, seed=0)
+    g.node("PreviewImage", images=preview)
+    message = node_error_message(comfy.run(g.to_api()), "DOPSDRolloutPreview")
+    assert "per-image schedules have [4] steps but sigmas has 3" in message

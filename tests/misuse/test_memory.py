@@ -10,19 +10,16 @@
 from __future__ import annotations
 
 import gc
-import sys
 import weakref
 
 import torch
 
+from tests.harness.comfy_runtime import pack_module
 from tests.harness.graph import Graph
 from tests.zimage.zimage_graphs import load_family, train, training_set
 
 RANK = 16  # large enough that a leaked adapter or optimizer state would stand out from measurement noise
 
-
-def pack_module(comfy, class_type: str):
-    return sys.modules[comfy.node_class(class_type).__module__]
 
 
 def live_tensor_bytes() -> int:
@@ -80,7 +77,7 @@ def test_training_asks_model_management_for_its_memory(comfy, concept_folder, mo
 
 
 def test_vlm_teacher_is_freed_after_encoding(comfy, concept_folder, monkeypatch):
-    conditioning = pack_module(comfy, "DOPSDTeacherContextVLM")
+    conditioning = pack_module("nodes.conditioning")
     encoder_class = conditioning.VLMTeacherEncoder
     real_build = encoder_class.build.__func__
     built = []
@@ -107,7 +104,7 @@ def test_vlm_teacher_is_freed_after_encoding(comfy, concept_folder, monkeypatch)
 
 
 def test_no_training_tensors_stay_referenced_after_training(comfy, concept_folder, monkeypatch):
-    training = pack_module(comfy, "DOPSDTrain")
+    training = pack_module("nodes.training")
     trainer_class = training.Trainer
     real_init = trainer_class.__init__
     state = {}

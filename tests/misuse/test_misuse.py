@@ -15,11 +15,11 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from tests.fixtures.tiny_dataset import write_concept_images
+from tests.harness.comfy_runtime import pack_module
 from tests.harness.graph import Graph
 from tests.zimage.zimage_graphs import TINY_MEGAPIXELS, fine_tune_then_generate, load_family, train, training_set
 
@@ -85,6 +85,22 @@ def test_cache_holds_when_queued_twice_or_when_only_the_sampler_changes(watched,
     assert ids["sampled"] in executed
     assert ids["train"] not in executed and ids["train"] in cached_nodes(changed), "training re-ran"
     assert ids["pairs"] not in executed, "the teacher context was re-encoded"
+
+    # The Train node copied and pasted (a new node id, the same inputs): ComfyUI's cache still holds.
+    copied = renumbered(graph, ids["train"], "900")
+    pasted = comfy.run(copied)
+    assert_success(pasted)
+    assert "900" not in executed_nodes(comfy) and "900" in cached_nodes(pasted), "a copied Train node retrained"
+
+
+def renumbered(graph: dict, node_id: str, new_id: str) -> dict:
+    """The graph with one node under another id, its links followed."""
+    moved = {new_id if k == node_id else k: v for k, v in graph.items()}
+    for node in moved.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] == node_id:
+                node["inputs"][name] = [new_id, value[1]]
+    return moved
 
 
 def test_editing_the_dataset_folder_retrains(watched, fresh_folder):
@@ -204,14 +220,11 @@ def test_checkpoints_where_they_cannot_be_written(comfy, comfy_base, concept_fol
 
 # -- paths that leave their folder ----------------------------------------------------------------------------------
 
-def pack_module(comfy, class_type: str):
-    return sys.modules[comfy.node_class(class_type).__module__]
-
 
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute_lora", "dopsd/../../escaped", "link_out/escaped",
                                   "", "   "])
 def test_lora_names_that_leave_the_loras_folder_are_refused(comfy, comfy_base, tmp_path, name):
-    lora_io = pack_module(comfy, "DOPSDSaveLoRA")
+    lora_io = pack_module("nodes.lora_io")
     link = comfy_base / "models" / "loras" / "link_out"
     if not link.is_symlink():
         link.symlink_to(tmp_path, target_is_directory=True)

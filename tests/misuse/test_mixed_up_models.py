@@ -5,19 +5,14 @@ KeyError 'pooled_output')."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.fixtures.tiny_vlm import MATCHING_VISION_FILE
+from tests.harness.comfy_runtime import pack_module
 from tests.harness.graph import Graph
 from tests.klein.klein_graphs import TRAIN_DEFAULTS, dataset, load_klein, reference_teacher
 from tests.harness.node_errors import assert_node_error
-from tests.klein.klein_data import write_concept_folder
 from tests.zimage.zimage_graphs import load_family
-
-
-@pytest.fixture(scope="module")
-def klein_folder(comfy_base) -> str:
-    write_concept_folder(comfy_base / "input" / "dopsd" / "mixed_up_klein")
-    return "dopsd/mixed_up_klein"
 
 
 def train_on(g: Graph, model_loader, pairs) -> None:
@@ -55,8 +50,22 @@ def zimage_vlm_teacher_on_klein(g: Graph, concept_folder: str, klein_folder: str
     (zimage_vae_in_klein_teacher, "encoded into 16-channel latents, but this MODEL works on 128-channel latents"),
     (zimage_vlm_teacher_on_klein, "cannot read the training set's conditioning (KeyError"),
 ], ids=lambda value: getattr(value, "__name__", ""))
-def test_training_set_made_for_another_model_is_refused_with_the_fix(comfy, concept_folder, klein_folder, user_files,
-                                                                     mix_up, fragment):
+def test_training_set_made_for_another_model_is_refused_with_the_fix(comfy, concept_folder, klein_concept_folder,
+                                                                     user_files, mix_up, fragment):
     g = Graph()
-    node = mix_up(g, concept_folder, klein_folder)
+    node = mix_up(g, concept_folder, klein_concept_folder)
     assert_node_error(comfy.run(g.to_api()), node, fragment, "from this MODEL's own loader")
+
+
+def test_other_model_errors_become_the_mix_up_message_but_out_of_memory_passes_through(comfy):
+    bridge, errors = pack_module("nodes.model_bridge"), pack_module("nodes.errors")
+    with pytest.raises(errors.DOPSDInputError, match=r"^DOPSDTrain: the MODEL cannot read the training set's "
+                                                     r"conditioning \(RuntimeError: mat1 and mat2 .*probably.* "
+                                                     r"How to fix: build the training set with the CLIP and VAE"):
+        with bridge.explain_unreadable_conditioning("DOPSDTrain"):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (6x512 and 64x256)")
+    for out_of_memory in (torch.cuda.OutOfMemoryError("CUDA out of memory"),
+                          RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)")):
+        with pytest.raises(type(out_of_memory), match="out of memory"):
+            with bridge.explain_unreadable_conditioning("DOPSDTrain"):
+                raise out_of_memory
