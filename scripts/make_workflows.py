@@ -95,7 +95,7 @@ def zimage_workflow() -> Workflow:
                    "latent_image": ("latent", 0)}, mode=MUTED),
              Node("stock_decode", "VAEDecode", {}, {"samples": ("stock_sampler", 0), "vae": ("load", 2)}, mode=MUTED),
              Node("stock_save", "SaveImage", {"filename_prefix": "dopsd/my_concept_stock"}, {"images": ("stock_decode", 0)},
-                  mode=MUTED)], column=5, row=1),
+                  mode=MUTED)], column=5, order_in_column=1),
     ])
 
 
@@ -159,52 +159,57 @@ def klein_save_group(lora_name: str, note: str) -> Group:
              {"model": ("load", 0), "lora": ("train", 1)})], column=5)
 
 
-def klein_generation_nodes(prefix: str, prompt: str, model: tuple[str, int], key: str = "", seed: int = 42,
-                           reference_image: str | None = None, mode: int = 0) -> list[Node]:
-    """klein's 4-step recipe: Flux2Scheduler for the output size, Euler, no CFG (BasicGuider). For an edit, the
-    source image scaled to ~1 MP, VAE-encoded and attached with ReferenceLatent; the output takes its size."""
-    k = lambda name: f"{key}{name}"  # noqa: E731
-    nodes = [Node(k("prompt"), "CLIPTextEncode", {"text": prompt}, {"clip": ("load", 1)}, mode=mode)]
-    conditioning = (k("prompt"), 0)
+def klein_generation_nodes(prefix: str, prompt: str, reference_image: str | None = None) -> list[Node]:
+    """klein's 4-step recipe with the saved LoRA: Flux2Scheduler for the output size, Euler, no CFG (BasicGuider).
+    For an edit, the source image scaled to ~1 MP, VAE-encoded and attached with ReferenceLatent; the output takes
+    its size. The conditioning node is keyed "conditioning" so the stock-loader group can share it."""
     size = {"width": KLEIN_GENERATION_SIZE, "height": KLEIN_GENERATION_SIZE}
     size_links = {}
-    if reference_image is not None:
-        nodes += [
-            Node(k("source"), "LoadImage", {"image": reference_image}, mode=mode),
-            Node(k("source_scaled"), "ImageScaleToTotalPixels", {"upscale_method": "lanczos", "megapixels": 1.0},
-                 {"image": (k("source"), 0)}, mode=mode),
-            Node(k("source_size"), "GetImageSize", {}, {"image": (k("source_scaled"), 0)}, mode=mode),
-            Node(k("source_latent"), "VAEEncode", {}, {"pixels": (k("source_scaled"), 0), "vae": ("load", 2)},
-                 mode=mode),
-            Node(k("reference"), "ReferenceLatent", {}, {"conditioning": (k("prompt"), 0),
-                                                         "latent": (k("source_latent"), 0)}, mode=mode),
+    if reference_image is None:
+        nodes = [Node("conditioning", "CLIPTextEncode", {"text": prompt}, {"clip": ("load", 1)})]
+    else:
+        nodes = [
+            Node("prompt", "CLIPTextEncode", {"text": prompt}, {"clip": ("load", 1)}),
+            Node("source", "LoadImage", {"image": reference_image}),
+            Node("source_scaled", "ImageScaleToTotalPixels", {"upscale_method": "lanczos", "megapixels": 1.0},
+                 {"image": ("source", 0)}),
+            Node("source_size", "GetImageSize", {}, {"image": ("source_scaled", 0)}),
+            Node("source_latent", "VAEEncode", {}, {"pixels": ("source_scaled", 0), "vae": ("load", 2)}),
+            Node("conditioning", "ReferenceLatent", {}, {"conditioning": ("prompt", 0), "latent": ("source_latent", 0)}),
         ]
-        conditioning = (k("reference"), 0)
-        size_links = {"width": (k("source_size"), 0), "height": (k("source_size"), 1)}
-    nodes += [
+        size_links = {"width": ("source_size", 0), "height": ("source_size", 1)}
+    return nodes + [
+        Node("sampler", "KSamplerSelect", {"sampler_name": "euler"}),
+        Node("sigmas", "Flux2Scheduler", {"steps": 4, **size}, size_links),
+        Node("latent", "EmptyFlux2LatentImage", {**size, "batch_size": 1}, size_links),
+        *klein_sampling_nodes(prefix, ("save", 0), seed=42),
+    ]
+
+
+def klein_sampling_nodes(prefix: str, model: tuple[str, int], seed: int, key: str = "", mode: int = 0) -> list[Node]:
+    """Noise, guider, sampling, decoding and saving for `model`, on the generation group's conditioning, sampler,
+    schedule and latent size."""
+    k = lambda name: f"{key}{name}"  # noqa: E731
+    return [
         Node(k("noise"), "RandomNoise", {"noise_seed": seed}, mode=mode),
-        Node(k("guider"), "BasicGuider", {}, {"model": model, "conditioning": conditioning}, mode=mode),
-        Node(k("sampler"), "KSamplerSelect", {"sampler_name": "euler"}, mode=mode),
-        Node(k("sigmas"), "Flux2Scheduler", {"steps": 4, **size}, size_links, mode=mode),
-        Node(k("latent"), "EmptyFlux2LatentImage", {**size, "batch_size": 1}, size_links, mode=mode),
+        Node(k("guider"), "BasicGuider", {}, {"model": model, "conditioning": ("conditioning", 0)}, mode=mode),
         Node(k("sample"), "SamplerCustomAdvanced", {},
-             {"noise": (k("noise"), 0), "guider": (k("guider"), 0), "sampler": (k("sampler"), 0),
-              "sigmas": (k("sigmas"), 0), "latent_image": (k("latent"), 0)}, mode=mode),
+             {"noise": (k("noise"), 0), "guider": (k("guider"), 0), "sampler": ("sampler", 0),
+              "sigmas": ("sigmas", 0), "latent_image": ("latent", 0)}, mode=mode),
         Node(k("decode"), "VAEDecode", {}, {"samples": (k("sample"), 0), "vae": ("load", 2)}, mode=mode),
         Node(k("save_image"), "SaveImage", {"filename_prefix": prefix}, {"images": (k("decode"), 0)}, mode=mode),
     ]
-    return nodes
 
 
-def klein_stock_loader_group(lora: str, prompt: str, prefix: str, reference_image: str | None = None) -> Group:
+def klein_stock_loader_group(lora: str, prefix: str) -> Group:
     return Group("8 · Later: the saved LoRA with the stock loader (unmute with Ctrl+M)", (
         "## 8 · Sharing and reuse\nMuted because the LoRA file only exists after the first run. Unmute to generate "
-        "with the stock **LoraLoaderModelOnly** — any FLUX.2-klein workflow can load the LoRA this way."),
+        "with the stock **LoraLoaderModelOnly** — any FLUX.2-klein workflow can load the LoRA this way. It uses the "
+        "prompt, image and size of group 7."),
         [Node("stock_lora", "LoraLoaderModelOnly", {"lora_name": f"{lora}.safetensors", "strength_model": 1.0},
               {"model": ("load", 0)}, mode=MUTED),
-         *klein_generation_nodes(f"{prefix}_stock", prompt, ("stock_lora", 0), key="stock_", seed=43,
-                                 reference_image=reference_image, mode=MUTED)],
-        column=6, row=0)
+         *klein_sampling_nodes(f"{prefix}_stock", ("stock_lora", 0), seed=43, key="stock_", mode=MUTED)],
+        column=6)
 
 
 def klein_concept_workflow() -> Workflow:
@@ -230,8 +235,8 @@ def klein_concept_workflow() -> Workflow:
         Group("7 · Generate in 4 steps", (
             "## 7 · Generate\nKlein as it is meant to be run: 4 steps, Flux2Scheduler for the output size, "
             "Euler, no CFG."),
-            klein_generation_nodes("dopsd/my_klein_concept", prompt, ("save", 0)), column=5, row=1),
-        klein_stock_loader_group(lora, prompt, "dopsd/my_klein_concept"),
+            klein_generation_nodes("dopsd/my_klein_concept", prompt), column=5, order_in_column=1),
+        klein_stock_loader_group(lora, "dopsd/my_klein_concept"),
     ])
 
 
@@ -265,10 +270,9 @@ def klein_edit_workflow() -> Workflow:
             "## 7 · Edit\nPick the image to edit in **Load Image**; it is scaled to ~1 MP, VAE-encoded and attached "
             "with **ReferenceLatent**, as in klein's own edit workflows, and the output takes its size. 4 steps, "
             "no CFG."),
-            klein_generation_nodes("dopsd/my_klein_edit", instruction.replace("[trigger]", "sks"), ("save", 0),
-                                   reference_image=source), column=5, row=1),
-        klein_stock_loader_group(lora, instruction.replace("[trigger]", "sks"), "dopsd/my_klein_edit",
-                                 reference_image=source),
+            klein_generation_nodes("dopsd/my_klein_edit", instruction.replace("[trigger]", "sks"), source),
+            column=5, order_in_column=1),
+        klein_stock_loader_group(lora, "dopsd/my_klein_edit"),
     ])
 
 

@@ -8,9 +8,12 @@ from dataclasses import dataclass, field
 
 from tests.harness.ui_workflow import has_control_widget, is_widget
 
-NODE_WIDTH, COLUMN_GAP, NODE_GAP, GROUP_GAP = 360, 60, 40, 80
+# Wide enough for the longest node title ("Teacher Context: Reference Image (D-OPSD, FLUX.2-klein)"): the web UI
+# widens a node to its title, which would push it out of its group.
+NODE_WIDTH, COLUMN_GAP, NODE_GAP, GROUP_GAP = 440, 60, 40, 80
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, NOTE_HEIGHT = 40, 22, 26, 220
 MULTILINE_ROWS = 4  # a multiline text box is drawn about four widget rows tall
+IMAGE_UPLOAD_HEIGHT = 240  # Load Image's upload button and image preview
 GROUP_PADDING, GROUP_TITLE = 20, 50
 MUTED = 2
 
@@ -31,7 +34,7 @@ class Group:
     note: str
     nodes: list[Node]
     column: int
-    row: int = 0
+    order_in_column: int = 0  # groups sharing a column are stacked top to bottom in this order
 
 
 @dataclass
@@ -58,12 +61,15 @@ def widget_values(node: Node, classes) -> list:
     return values
 
 
-def widget_rows(node: Node, classes) -> int:
-    """How many widget rows the canvas draws for the node's widget values."""
+def widgets_height(node: Node, classes) -> int:
+    """The height the canvas draws the node's widgets at: one row each, more for text boxes and image uploads."""
     input_types = classes[node.type].INPUT_TYPES()
-    multiline = sum(1 for section in ("required", "optional") for name, (_, *rest) in input_types.get(section, {}).items()
-                    if name not in node.links and rest and rest[0].get("multiline"))
-    return len(widget_values(node, classes)) + (MULTILINE_ROWS - 1) * multiline
+    options = [rest[0] for section in ("required", "optional") for name, (_, *rest) in input_types.get(section, {}).items()
+               if name not in node.links and rest]
+    multiline = sum(1 for o in options if o.get("multiline"))
+    uploads = sum(1 for o in options if o.get("image_upload"))
+    return (WIDGET_HEIGHT * (len(widget_values(node, classes)) + (MULTILINE_ROWS - 1) * multiline)
+            + IMAGE_UPLOAD_HEIGHT * uploads)
 
 
 def socket_types(node_type: str, classes) -> dict[str, str]:
@@ -81,7 +87,7 @@ def build(workflow: Workflow, classes) -> dict:
             links.append([len(links) + 1, ids[source], source_slot, ids[node.key], slot, types[name]])
     nodes, groups = [], []
     column_bottoms: dict[int, float] = {}
-    for group in sorted(workflow.groups, key=lambda g: g.row):
+    for group in sorted(workflow.groups, key=lambda g: g.order_in_column):
         x = group.column * (NODE_WIDTH + 2 * GROUP_PADDING + COLUMN_GAP)
         top = column_bottoms[group.column] + GROUP_GAP if group.column in column_bottoms else 0.0
         y = top + GROUP_TITLE
@@ -104,8 +110,7 @@ def build(workflow: Workflow, classes) -> dict:
                              "links": [l[0] for l in links if l[1] == node_id and l[2] == i]}
                             for i, t in enumerate(cls.RETURN_TYPES)]
             # As LiteGraph sizes a node: input and output sockets side by side, then one row per widget.
-            height = (TITLE_HEIGHT + SLOT_HEIGHT * max(len(node_inputs), len(node_outputs))
-                      + WIDGET_HEIGHT * widget_rows(node, classes))
+            height = TITLE_HEIGHT + SLOT_HEIGHT * max(len(node_inputs), len(node_outputs)) + widgets_height(node, classes)
             entry = {"id": node_id, "type": node.type, "pos": [x + GROUP_PADDING, y], "size": [NODE_WIDTH, height],
                      "flags": {}, "order": node_id, "mode": node.mode, "inputs": node_inputs, "outputs": node_outputs,
                      "properties": {"Node name for S&R": node.type}, "widgets_values": values}

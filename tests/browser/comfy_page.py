@@ -175,6 +175,15 @@ class ComfyPage:
                                                    && !w.options.values.includes(w.value))
                                           .map(w => `${w.name}=${JSON.stringify(w.value)}`)}))""")
 
+    def canvas_boxes(self) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """[x, y, width, height] as drawn: every node's (title bar included) by id, every group's by title."""
+        return tuple(self.js("""
+            const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+            const nodes = Object.fromEntries(window.app.graph.nodes.map(n =>
+                [String(n.id), [n.pos[0], n.pos[1] - title, n.size[0], n.size[1] + title]]));
+            const groups = Object.fromEntries(window.app.graph.groups.map(g => [g.title, Array.from(g._bounding)]));
+            return [nodes, groups];"""))
+
     def node_text(self, node_id: str) -> str | None:
         """The text the canvas shows on a node for the server's progress text (the frontend's text-preview widget)."""
         return self.js("""

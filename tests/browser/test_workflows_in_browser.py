@@ -25,6 +25,28 @@ def comparable(graph: dict) -> dict:
     return {node_id: (node["class_type"], node["inputs"]) for node_id, node in graph.items()}
 
 
+def inside(box, outer) -> bool:
+    (x, y, w, h), (ox, oy, ow, oh) = box, outer
+    return ox <= x and oy <= y and x + w <= ox + ow and y + h <= oy + oh
+
+
+def overlap(a, b) -> bool:
+    (ax, ay, aw, ah), (bx, by, bw, bh) = a, b
+    return ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah
+
+
+def assert_tidy_canvas(nodes: dict, groups: dict) -> None:
+    """With the sizes the web UI itself gives the nodes: each node sits inside one group, and nothing overlaps."""
+    for node_id, box in nodes.items():
+        homes = [title for title, group in groups.items() if inside(box, group)]
+        assert len(homes) == 1, f"node {node_id} {box} lies in groups {homes}, not in exactly one"
+    ids = sorted(nodes)
+    crowded = [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:] if overlap(nodes[a], nodes[b])]
+    assert not crowded, f"overlapping nodes: {crowded}"
+    titles = sorted(groups)
+    assert not [(a, b) for i, a in enumerate(titles) for b in titles[i + 1:] if overlap(groups[a], groups[b])]
+
+
 @pytest.mark.parametrize("workflow_file", WORKFLOWS, ids=lambda path: path.stem)
 def test_workflow_opens_from_the_template_browser_and_runs(page, browser_server, comfy_base, artifacts, workflow_file):
     name = workflow_file.stem
@@ -45,6 +67,9 @@ def test_workflow_opens_from_the_template_browser_and_runs(page, browser_server,
         "widgets name files or options the server does not have"
     assert comparable(page.queued_prompt()) == comparable(expected), \
         "the UI would queue another graph than the file describes (widget values shifted?)"
+    nodes, groups = page.canvas_boxes()
+    (artifacts / "canvas_boxes.json").write_text(json.dumps({"nodes": nodes, "groups": groups}, indent=1))
+    assert_tidy_canvas(nodes, groups)
 
     for node_id, values in tiny_settings(expected, name).items():
         page.set_widgets(node_id, values)

@@ -21,12 +21,3 @@ def test_workflow_file_matches_the_node_definitions(comfy, make):
     assert shipped == build(make(), comfy.nodes.NODE_CLASS_MAPPINGS), \
         "run `.venv/bin/python scripts/make_workflows.py` after changing a node's inputs"
 
-
-@pytest.mark.parametrize("make", WORKFLOWS, ids=lambda make: make.__name__)
-def test_groups_do_not_overlap_on_the_canvas(make):
-    groups = json.loads((WORKFLOW_DIR / make().file).read_text())["groups"]
-    for i, a in enumerate(groups):
-        for b in groups[i + 1:]:
-            (ax, ay, aw, ah), (bx, by, bw, bh) = a["bounding"], b["bounding"]
-            apart = ax + aw <= bx or bx + bw <= ax or ay + ah <= by or by + bh <= ay
-            assert apart, f"groups {a['title']!r} and {b['title']!r} overlap"
