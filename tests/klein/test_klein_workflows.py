@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import safetensors
 from PIL import Image
@@ -89,3 +91,23 @@ def test_workflow_runs_and_ends_in_4_step_generation_with_the_saved_lora(comfy, 
         with Image.open(comfy_base / "output" / saved[0]["subfolder"] / saved[0]["filename"]) as edited:
             assert edited.size == tuple(side // 16 * 16 for side in source_size), "the output takes the source's size"
         assert source_size[0] > source_size[1], "the landscape source was scaled, not cropped square"
+
+    # Later, as the muted group's note says: unmute it (Ctrl+M) and generate with the stock loader. With its seed set
+    # to the generation group's, the stock LoraLoaderModelOnly gives exactly the same image from the saved file.
+    for node in workflow["nodes"]:
+        node["mode"] = 0
+    later = tiny_graph(comfy, workflow)
+    for node in later.values():
+        if node["class_type"] == "RandomNoise":
+            node["inputs"]["noise_seed"] = 42
+    assert "LoraLoaderModelOnly" in {n["class_type"] for n in later.values()}
+    run = comfy.run(later)
+    assert run.success, run.error or run.node_errors or run.validation_error
+    [stock_save] = [k for k, v in later.items() if v["class_type"] == "SaveImage" and k not in graph]
+    [stock_image] = run.ui_outputs[stock_save]["images"]
+
+    def pixels(image: dict) -> np.ndarray:
+        with Image.open(comfy_base / "output" / image["subfolder"] / image["filename"]) as png:
+            return np.asarray(png)
+
+    assert np.array_equal(pixels(stock_image), pixels(saved[0])), "the stock loader's image differs from the trained one"
