@@ -206,9 +206,9 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
                 progress.update_absolute(report.step, config.steps, shown)
                 if context is not None:
                     seconds_per_step = (time.perf_counter() - started) / (report.step - start_step)
+                    # Called as ComfyUI's own nodes call it (text, node id): headless runners stub exactly that.
                     PromptServer.instance.send_progress_text(
-                        progress_text(report.step, config.steps, report.loss, seconds_per_step), context.node_id,
-                        PromptServer.instance.client_id)
+                        progress_text(report.step, config.steps, report.loss, seconds_per_step), context.node_id)
                 logging.info("DOPSDTrain step %d/%d loss %.5f grad-norm %.3f", report.step, config.steps,
                              report.loss, report.grad_norm)
 
