@@ -61,14 +61,15 @@ def widget_values(node: Node, classes) -> list:
     return values
 
 
-def widgets_height(node: Node, classes) -> int:
-    """The height the canvas draws the node's widgets at: one row each, more for text boxes and image uploads."""
+def widgets_height(node: Node, classes, values: list) -> int:
+    """The height the canvas draws the node's widget `values` at: one row each, more for text boxes and image
+    uploads."""
     input_types = classes[node.type].INPUT_TYPES()
     options = [rest[0] for section in ("required", "optional") for name, (_, *rest) in input_types.get(section, {}).items()
                if name not in node.links and rest]
     multiline = sum(1 for o in options if o.get("multiline"))
     uploads = sum(1 for o in options if o.get("image_upload"))
-    return (WIDGET_HEIGHT * (len(widget_values(node, classes)) + (MULTILINE_ROWS - 1) * multiline)
+    return (WIDGET_HEIGHT * (len(values) + (MULTILINE_ROWS - 1) * multiline)
             + IMAGE_UPLOAD_HEIGHT * uploads)
 
 
@@ -110,7 +111,7 @@ def build(workflow: Workflow, classes) -> dict:
                              "links": [l[0] for l in links if l[1] == node_id and l[2] == i]}
                             for i, t in enumerate(cls.RETURN_TYPES)]
             # As LiteGraph sizes a node: input and output sockets side by side, then one row per widget.
-            height = TITLE_HEIGHT + SLOT_HEIGHT * max(len(node_inputs), len(node_outputs)) + widgets_height(node, classes)
+            height = TITLE_HEIGHT + SLOT_HEIGHT * max(len(node_inputs), len(node_outputs)) + widgets_height(node, classes, values)
             entry = {"id": node_id, "type": node.type, "pos": [x + GROUP_PADDING, y], "size": [NODE_WIDTH, height],
                      "flags": {}, "order": node_id, "mode": node.mode, "inputs": node_inputs, "outputs": node_outputs,
                      "properties": {"Node name for S&R": node.type}, "widgets_values": values}
