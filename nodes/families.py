@@ -5,7 +5,7 @@ loaders work just as well.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -50,14 +50,12 @@ FLUX2_KLEIN_4B = Family(
     inference_sigmas=klein_four_steps,
     training_sigmas=klein_four_steps,
 )
-FLUX2_KLEIN_9B = Family(
+# The 9B model differs from the 4B only in its files.
+FLUX2_KLEIN_9B = replace(
+    FLUX2_KLEIN_4B,
     name="FLUX.2-klein 9B",
     diffusion_model="flux-2-klein-9b.safetensors",
     text_encoder="qwen_3_8b.safetensors",
-    vae="flux2-vae.safetensors",
-    clip_type="FLUX2",
-    inference_sigmas=klein_four_steps,
-    training_sigmas=klein_four_steps,
 )
 FAMILIES = {f.name: f for f in (ZIMAGE_TURBO, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B)}
 CUSTOM = "custom"
