@@ -15,11 +15,9 @@ from pathlib import Path
 from tests.fixtures.tiny_dataset import write_concept_images
 from tests.harness.example_job import TINY_SETTINGS
 from tests.harness.ui_workflow import input_spec_from_object_info, to_api
+from tests.klein.klein_graphs import IMAGE_SCALE_MIN_MEGAPIXELS, TEXT_ENCODER_TYPE_0_3_75
 
 TINY_SIZE = {"width": 64, "height": 64}
-# ComfyUI 0.3.75 has no FLUX.2-klein text-encoder type; its Qwen3 encoder type loads the tiny encoder
-# (tests/klein/klein_graphs.py says why). Users keep "from preset".
-KLEIN_TEXT_ENCODER_TYPE_0_3_75 = "lumina2"
 
 
 def tiny_settings(api_graph: dict, tag: str) -> dict[str, dict]:
@@ -35,9 +33,9 @@ def tiny_settings(api_graph: dict, tag: str) -> dict[str, dict]:
             # A size fed by a link (an edit's output follows its source image) stays linked.
             values.update({k: v for k, v in TINY_SIZE.items() if not isinstance(node["inputs"].get(k, []), list)})
         elif kind == "ImageScaleToTotalPixels":
-            values["megapixels"] = 0.01  # its minimum
+            values["megapixels"] = IMAGE_SCALE_MIN_MEGAPIXELS
         elif kind == "DOPSDLoadModel" and str(node["inputs"].get("family", "")).startswith("FLUX.2-klein"):
-            values["text_encoder_type"] = KLEIN_TEXT_ENCODER_TYPE_0_3_75
+            values["text_encoder_type"] = TEXT_ENCODER_TYPE_0_3_75  # klein_graphs.py says why; users keep "from preset"
         if values:
             settings[node_id] = values
     return settings

@@ -10,6 +10,7 @@ from tests.harness.graph import Graph, NodeRef
 
 TEXT_ENCODER_TYPE_0_3_75 = "lumina2"
 TINY_MEGAPIXELS = 64 * 64 / 1_000_000
+IMAGE_SCALE_MIN_MEGAPIXELS = 0.01  # ImageScaleToTotalPixels' minimum: about 102x102 px
 TRAIN_DEFAULTS = dict(
     objective="D-OPSD", steps=3, learning_rate=2e-3, rank=4, alpha=8.0, ema_decay=0.9999, loss_space="x0",
     gradient_accumulation=1, warmup_steps=0, seed=0, lora_targets="auto", gradient_checkpointing=True,

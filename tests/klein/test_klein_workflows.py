@@ -17,7 +17,7 @@ from PIL import Image
 from tests.harness.paths import REPO_ROOT
 from tests.harness.ui_workflow import input_spec_from_object_info, to_api
 from tests.klein.klein_data import save, scene, write_concept_folder, write_edit_folder
-from tests.klein.klein_graphs import TEXT_ENCODER_TYPE_0_3_75, TINY_MEGAPIXELS
+from tests.klein.klein_graphs import IMAGE_SCALE_MIN_MEGAPIXELS, TEXT_ENCODER_TYPE_0_3_75, TINY_MEGAPIXELS
 from scripts.make_workflows import klein_concept_workflow, klein_edit_workflow
 
 TINY_SETTINGS = {
@@ -27,7 +27,7 @@ TINY_SETTINGS = {
                    "preview_every": 1},
     "Flux2Scheduler": {"width": 64, "height": 64},
     "EmptyFlux2LatentImage": {"width": 64, "height": 64},
-    "ImageScaleToTotalPixels": {"megapixels": 0.01},  # its minimum: about 102x102 px
+    "ImageScaleToTotalPixels": {"megapixels": IMAGE_SCALE_MIN_MEGAPIXELS},
 }
 
 
