@@ -101,11 +101,35 @@ class ModelSession:
 
 
 @contextmanager
+def comfy_training_mode(training: bool = True):
+    """Tell ComfyUI's model code that gradients will flow, for the duration of the block.
+
+    ComfyUI 0.33 (not 0.3.75) runs fused inference-only kernels (comfy-kitchen: `rms_rope` in Z-Image's attention,
+    `apply_rope` in FLUX/klein, INT8 linears) unless `comfy.model_management.in_training` is set: they have no
+    autograd formula, and backward fails with "Trying to backward through comfy_kitchen... but no autograd formula
+    was registered". 0.33's own TrainLoraNode sets the flag around its training loop (comfy_extras/nodes_train.py);
+    so does this, restoring the previous value afterwards, also on error. Where the attribute does not exist
+    (0.3.75) nothing changes."""
+    mm = comfy.model_management
+    if not training or not hasattr(mm, "in_training"):
+        yield
+        return
+    previous = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = previous
+
+
+@contextmanager
 def model_session(model, latent_shape, training: bool):
     """Load `model` through ComfyUI's model management for a roll-out or a training run, and release it after.
 
     Training keeps every weight on the device (no partial offload) and asks for the memory of the activations
-    too, so other models are unloaded first instead of failing mid-run.
+    too, so other models are unloaded first instead of failing mid-run (0.33's TrainLoraNode does the same with
+    `force_full_load=True` unless it offloads; it asks for 1e20 bytes, i.e. unloads every other model, where this asks
+    for an estimate). While training, ComfyUI's model code runs in training mode (`comfy_training_mode`).
     """
     if training:
         comfy.model_management.load_models_gpu(
@@ -115,7 +139,8 @@ def model_session(model, latent_shape, training: bool):
     options = comfy.model_patcher.create_model_options_clone(model.model_options)
     model.pre_run()
     try:
-        yield ModelSession(model, inner, options)
+        with comfy_training_mode(training):
+            yield ModelSession(model, inner, options)
     finally:
         model.cleanup()
         comfy.sampler_helpers.cleanup_models({}, loaded)

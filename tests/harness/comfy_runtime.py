@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import inspect
 import itertools
 import sys
 import uuid
@@ -74,6 +75,16 @@ class GraphRun:
         return [v[0] if isinstance(v, list) and len(v) == 1 else v for v in values]
 
 
+def executor_cache_args(execution) -> dict:
+    """The `cache_args` this ComfyUI's PromptExecutor reads (main.py's prompt_worker passes them): "lru" and "ram"
+    in 0.3.75; 0.33 also reads "ram_inactive" (the RAM-pressure cache's headroom for inactive outputs) and fails
+    with KeyError without it. Zeros: with the CLASSIC cache none of them limits anything."""
+    args = {"lru": 0, "ram": 0}
+    if "ram_inactive" in inspect.getsource(execution.PromptExecutor):
+        args["ram_inactive"] = 0
+    return args
+
+
 class ComfyRuntime:
     _instance: "ComfyRuntime | None" = None
 
@@ -107,7 +118,7 @@ class ComfyRuntime:
         comfy.utils.set_progress_bar_global_hook(self._progress_hook)
         self.import_errors = asyncio.run(self._init_nodes())
         self.executor = execution.PromptExecutor(
-            self.server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+            self.server, cache_type=execution.CacheType.CLASSIC, cache_args=executor_cache_args(execution)
         )
         self._ids = itertools.count()
 

@@ -3,18 +3,45 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "comfyui-dopsd"
 TEST_PATCHES_DIR = REPO_ROOT / "tests" / "fixtures" / "comfy_test_patches"
-COMFYUI_VERSION = "0.3.75"
+# The ComfyUI releases the suite runs against (scripts/comfy_versions.sh): version key -> provisioned folder.
+COMFYUI_FOLDERS = {"0.3.75": "ComfyUI-0.3.75", "0.33": "ComfyUI-0.33.0"}
+COMFY033_VENV = REPO_ROOT / ".venv-comfy033"
+
+
+def comfy_version() -> str:
+    """Which ComfyUI the tests run: "0.3.75" or "0.33".
+
+    $DOPSD_COMFY_VERSION (scripts/test.sh sets it), else the version of $DOPSD_COMFYUI_DIR's checkout (0.3.75, or
+    "0.33" for any other release: the newest line), else the one whose provisioned venv runs this Python."""
+    chosen = os.environ.get("DOPSD_COMFY_VERSION")
+    if chosen:
+        key = {"0.33.0": "0.33"}.get(chosen, chosen)
+        if key not in COMFYUI_FOLDERS:
+            raise ValueError(f"DOPSD_COMFY_VERSION={chosen!r}: expected one of {', '.join(COMFYUI_FOLDERS)}")
+        return key
+    custom = os.environ.get("DOPSD_COMFYUI_DIR")
+    if custom:
+        version_file = Path(custom) / "comfyui_version.py"
+        if version_file.is_file():
+            return "0.3.75" if '"0.3.75"' in version_file.read_text() else "0.33"
+    return "0.33" if Path(sys.prefix).resolve() == COMFY033_VENV.resolve() else "0.3.75"
+
+
+def comfy_at_least_033() -> bool:
+    return comfy_version() == "0.33"
 
 
 def comfyui_dir() -> Path:
-    """The ComfyUI checkout to run: $DOPSD_COMFYUI_DIR, else the one scripts/provision.sh unpacked."""
+    """The ComfyUI checkout to run: $DOPSD_COMFYUI_DIR, else the one scripts/provision.sh unpacked for
+    `comfy_version()`."""
     chosen = os.environ.get("DOPSD_COMFYUI_DIR")
-    path = Path(chosen) if chosen else REPO_ROOT / ".comfyui" / f"ComfyUI-{COMFYUI_VERSION}"
+    path = Path(chosen) if chosen else REPO_ROOT / ".comfyui" / COMFYUI_FOLDERS[comfy_version()]
     if not (path / "main.py").is_file():
         raise FileNotFoundError(
             f"No ComfyUI found at {path}. Run `bash scripts/provision.sh` first, "
