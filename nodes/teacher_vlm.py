@@ -8,6 +8,7 @@ tokenizer ComfyUI bundles, and the vision weights come from a file in the user's
 """
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,11 +132,31 @@ class VLMTeacherEncoder:
         text = CHAT_TEMPLATE.format(image_pads=IMAGE_PAD * image_tokens, prompt=prompt)
         tokens = self.tokenizer(text, return_tensors="pt")
         device = self.model.device
-        output = self.model(
+        inputs = dict(
             input_ids=tokens["input_ids"].to(device),
             attention_mask=tokens["attention_mask"].to(device),
             pixel_values=vision_inputs["pixel_values"].to(device, self.model.dtype),
             image_grid_thw=vision_inputs["image_grid_thw"].to(device),
             output_hidden_states=True,
         )
+        if accepts_mm_token_type_ids(self.model):
+            inputs["mm_token_type_ids"] = mm_token_type_ids(inputs["input_ids"], self.image_token_id)
+        output = self.model(**inputs)
         return output.hidden_states[-2][:, :MAX_TEACHER_TOKENS]
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+
+def accepts_mm_token_type_ids(model: torch.nn.Module) -> bool:
+    """Whether this transformers' Qwen3-VL forward takes `mm_token_type_ids` (5.x does, and requires it with images:
+    "Multimodal data was passed ... but mm_token_type_ids is missing"; 4.x finds the image tokens in input_ids
+    itself and has no such argument)."""
+    return "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """What transformers 5's Qwen3-VL processor returns beside input_ids: per token 0 for text, 1 for an image token
+    (ProcessorMixin.create_mm_token_type_ids). The multimodal RoPE positions are computed from it."""
+    return (input_ids == image_token_id).to(torch.int32)
