@@ -1,4 +1,4 @@
-"""Drives the real ComfyUI web UI (comfyui-frontend-package 1.32.9) in Debian's headless Chromium via Selenium.
+"""Drives the real ComfyUI web UI (comfyui-frontend-package 1.32.9 on ComfyUI 0.3.75, 1.49.6 on 0.33) in Debian's headless Chromium via Selenium.
 
 Everything an artist does goes through the page: the Templates sidebar button, the pack's category and card in the
 template browser, the Run and Cancel buttons. Reading the page's state uses what the frontend exposes: `window.app`
@@ -23,6 +23,7 @@ CHROMIUM_FLAGS = (
 )
 FINISHED_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 RECORDED_EVENTS = ("execution_start", "executing", "executed", "progress", "execution_cached", *FINISHED_EVENTS)
+QUEUE_BUTTON_149 = "button[data-testid='queue-button']"
 NODE_PROGRESS_IN_TITLE = re.compile(r"\[(\d+)%\] (\S+)$")
 
 
@@ -62,6 +63,7 @@ def start_chromium(artifacts: Path):
     service = Service(executable_path=driver_path, log_output=str(artifacts / "chromedriver.log"))
     driver = webdriver.Chrome(service=service, options=options)
     driver.set_script_timeout(60)
+    driver.set_page_load_timeout(120)  # a page that never finishes loading fails the test instead of hanging it
     driver.dopsd_profile = profile
     return driver
 
@@ -218,11 +220,21 @@ class ComfyPage:
     def clear_events(self) -> None:
         self.js("window.__dopsdEvents.length = 0")
 
-    def run(self) -> float:
-        """Click Run (the queue button); returns the click time (time.time())."""
+    def run(self, started_within: float = 60) -> float:
+        """Click Run (the queue button); returns the click time (time.time()). Fails, instead of waiting for a run
+        that never comes, when the server reports no start of execution within `started_within` seconds.
+
+        The button: frontend 1.32.9 labels it aria-label="Run"; 1.49 gives it data-testid="queue-button" (text "Run")
+        and puts aria-label="Run" on the run-mode menu's trigger beside it, which only opens a menu."""
         self.close_toasts()
-        self.click(xpath="//button[@aria-label='Run']")
-        return time.time()
+        if self.driver.find_elements("css selector", QUEUE_BUTTON_149):
+            self.click(css=QUEUE_BUTTON_149)
+        else:
+            self.click(xpath="//button[@aria-label='Run']")
+        clicked = time.time()
+        self.wait_until("window.__dopsdEvents.some(e => e[0] === 'execution_start')", started_within,
+                        "the run to start after clicking Run (did the click queue anything?)")
+        return clicked
 
     def cancel(self) -> float:
         """Click the 'Cancel current run' button of the queue bar (the UI posts /interrupt); returns the time just

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.fixtures.tiny_dataset import write_concept_images
 from tests.harness.example_job import TINY_SETTINGS
+from tests.harness.paths import comfy_version
 from tests.harness.ui_workflow import input_spec_from_object_info, to_api
 from tests.klein.klein_graphs import IMAGE_SCALE_MIN_MEGAPIXELS, TEXT_ENCODER_TYPE_0_3_75
 
@@ -34,8 +35,10 @@ def tiny_settings(api_graph: dict, tag: str) -> dict[str, dict]:
             values.update({k: v for k, v in TINY_SIZE.items() if not isinstance(node["inputs"].get(k, []), list)})
         elif kind == "ImageScaleToTotalPixels":
             values["megapixels"] = IMAGE_SCALE_MIN_MEGAPIXELS
-        elif kind == "DOPSDLoadModel" and str(node["inputs"].get("family", "")).startswith("FLUX.2-klein"):
-            values["text_encoder_type"] = TEXT_ENCODER_TYPE_0_3_75  # klein_graphs.py says why; users keep "from preset"
+        elif (kind == "DOPSDLoadModel" and str(node["inputs"].get("family", "")).startswith("FLUX.2-klein")
+              and comfy_version() == "0.3.75"):
+            # klein_graphs.py says why; users keep "from preset", as the tests do on 0.33 (native klein encoder).
+            values["text_encoder_type"] = TEXT_ENCODER_TYPE_0_3_75
         if values:
             settings[node_id] = values
     return settings

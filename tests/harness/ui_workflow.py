@@ -4,7 +4,9 @@ POST /prompt takes the API format; the web UI converts on Queue. Headless runs d
 widget values map, in order, onto a node's widget inputs as /object_info lists them; a widget with
 `control_after_generate` (seeds) occupies one extra slot (the "fixed/randomize" choice); the web UI also gives one
 to an INT input named `seed` or `noise_seed` that does not say `control_after_generate` either way. Frontend-only nodes
-(notes) and muted or bypassed nodes are left out, as the UI does.
+(notes) and muted or bypassed nodes are left out, as the UI does. Widgets the file has no value for (inputs a newer
+ComfyUI added to a stock node, e.g. ImageScaleToTotalPixels.resolution_steps in 0.33) take their default, as the UI
+gives a node it configures from an older file.
 """
 from __future__ import annotations
 
@@ -43,6 +45,17 @@ def input_spec_from_object_info(info: dict) -> InputSpec:
     return spec
 
 
+def widget_default(input_type, options: dict):
+    """The value the web UI gives a new widget: the input's default, else a combo's first option."""
+    if "default" in options:
+        return options["default"]
+    if isinstance(input_type, list) and input_type:
+        return input_type[0]
+    if input_type == "COMBO" and options.get("options"):
+        return options["options"][0]
+    return None
+
+
 def to_api(workflow: dict, input_spec: Callable[[str], InputSpec]) -> dict[str, dict]:
     """Convert a UI-format workflow into the API-format graph the web UI would queue."""
     links = {link[0]: link for link in workflow.get("links", [])}
@@ -63,7 +76,10 @@ def to_api(workflow: dict, input_spec: Callable[[str], InputSpec]) -> dict[str, 
                         values.pop(0)
             elif is_widget(input_type):
                 if not values:
-                    break
+                    default = widget_default(input_type, options)
+                    if default is not None:
+                        inputs[name] = default
+                    continue
                 inputs[name] = values.pop(0)
                 if has_control_widget(name, input_type, options) and values:
                     values.pop(0)
