@@ -62,6 +62,9 @@ def page(browser_server, artifacts):
         yield comfy_page.open()
     finally:
         comfy_page.close()
+        # A test that failed mid-run must not leave its run (or a queued one) to block the next test's Run.
+        browser_server.post("/queue", {"clear": True})
+        browser_server.post("/interrupt", {})
 
 
 def pytest_terminal_summary(terminalreporter):
