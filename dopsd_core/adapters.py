@@ -4,16 +4,21 @@ Each targeted linear layer computes ``W x + (alpha / rank) * up @ down @ x`` wit
 role's ``down`` (``[rank, in]``, peft's ``lora_A``) and ``up`` (``[out, rank]``, ``lora_B``).
 Adapter weights are kept in float32 whatever the base dtype, so optimizer state and the EMA
 are exact in float32.
+
+A fused projection (one ``qkv`` linear for q, k and v) can be split into its output slices,
+each with adapters of its own: ``W x = cat_i(W_i x)`` with ``W_i`` the rows of slice ``i``, so
+the slices get ``cat_i(W_i x + s up_i down_i x)`` — three rank-r updates instead of one.
 """
 
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 
@@ -26,22 +31,26 @@ AdapterState = dict[str, dict[str, Tensor | float]]
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """LoRA shape and initialisation (the D-OPSD authors used rank 64, alpha 128).
+    """LoRA shape and initialisation (the D-OPSD authors used rank 64, alpha 128, gaussian init).
 
     ``target_modules`` selects linear layers (``nn.Linear`` or subclasses) by qualified name:
     a regex that must match the whole name, or a list of name suffixes at a ``.`` boundary.
-    ``init``: "default" is Kaiming-uniform ``down`` and zero ``up``; "gaussian" draws ``down``
-    from a normal with standard deviation 1/rank. Both start as the identity edit. ``seed``
-    makes ``down`` reproducible (peft creates it in the base dtype, so it is rounded to that).
-    ``dropout`` acts on the adapter input only while the adapted model is in train mode.
+    ``init``: "gaussian" draws ``down`` from N(0, 1/rank²) (peft's "gaussian", the authors'
+    choice); "default" is peft's Kaiming-uniform ``down``. ``up`` starts at zero either way, so
+    both start as the identity edit. ``seed`` makes ``down`` reproducible (peft creates it in the
+    base dtype, so it is rounded to that). ``dropout`` acts on the adapter input only while the
+    adapted model is in train mode. ``output_slices`` maps a layer's qualified name to the sizes
+    of consecutive output slices that get separate adapters, named ``<layer>.0``, ``<layer>.1``, …
+    (e.g. q, k and v of a fused ``qkv``); a selected layer not listed gets one adapter.
     """
 
     rank: int = 64
     alpha: float = 128.0
     target_modules: str | Sequence[str] | None = None
-    init: Literal["default", "gaussian"] = "default"
+    init: Literal["default", "gaussian"] = "gaussian"
     dropout: float = 0.0
     seed: int = 0
+    output_slices: Mapping[str, Sequence[int]] = field(default_factory=dict)
 
 
 def find_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
@@ -53,6 +62,36 @@ def find_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -
         return any(name == suffix or name.endswith("." + suffix) for suffix in target_modules)
 
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and selected(name)]
+
+
+class LinearRows(nn.Linear):
+    """Rows ``[start, start + size)`` of ``linear`` as a linear layer of its own: its weight and bias are views of
+    ``linear``'s (no copy, frozen). Like ComfyUI's layers, it computes in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear, start: int, size: int):
+        super().__init__(linear.in_features, size, bias=linear.bias is not None, device="meta")
+        rows = slice(start, start + size)
+        self.weight = nn.Parameter(linear.weight[rows], requires_grad=False)
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias[rows], requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class OutputSlicedLinear(nn.ModuleList):
+    """``linear`` computed as its consecutive output slices, ``y = cat_i(W_i x + b_i)``, so that each slice (a
+    ``LinearRows``, child ``i``) can carry an adapter of its own."""
+
+    def __init__(self, linear: nn.Linear, sizes: Sequence[int]):
+        if sum(sizes) != linear.out_features or min(sizes) < 1:
+            raise ValueError(f"output slices {list(sizes)} do not partition the {linear.out_features} outputs")
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        super().__init__(LinearRows(linear, start, size) for start, size in zip(starts, sizes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([rows(x) for rows in self], dim=-1)
 
 
 class DualLora:
@@ -68,15 +107,23 @@ class DualLora:
             raise ValueError("LoraSpec.target_modules must name the layers to adapt")
         if spec.init not in ("default", "gaussian"):
             raise ValueError(f'LoraSpec.init must be "default" or "gaussian", got {spec.init!r}')
-        names = find_target_modules(model, spec.target_modules)
-        if not names:
+        targets = find_target_modules(model, spec.target_modules)
+        if not targets:
             raise ValueError(f"no linear layer matches target_modules={spec.target_modules!r}")
-        self.model, self.spec, self.module_names = model, spec, tuple(names)
-        self._base_layers = {name: model.get_submodule(name) for name in names}
+        self.model, self.spec = model, spec
+        self._base_layers = {name: model.get_submodule(name) for name in targets}
         self._base_requires_grad = {p: p.requires_grad for p in model.parameters()}
         self._peft_config_before = model.__dict__.get("peft_config")
         self._removed = False
+        try:
+            self._attach(targets)
+        except BaseException:
+            self.remove()
+            raise
 
+    def _attach(self, targets: list[str]) -> None:
+        spec, model = self.spec, self.model
+        self.module_names = names = tuple(self._split_outputs(targets))
         config = LoraConfig(
             r=spec.rank,
             lora_alpha=spec.alpha,
@@ -117,6 +164,16 @@ class DualLora:
         # reads is only its active-adapter list, so a switch sets just that when peft keeps it where we expect.
         self._fast_switch = all(layer.active_adapters == ["student"] and hasattr(layer, "_active_adapter")
                                 for layer in self._layers)
+
+    def _split_outputs(self, targets: list[str]) -> Iterator[str]:
+        """Replace the layers of ``spec.output_slices`` by their slices; yield the names of the layers to adapt."""
+        for name in targets:
+            sizes = self.spec.output_slices.get(name)
+            if sizes is None:
+                yield name
+                continue
+            _set_submodule(self.model, name, OutputSlicedLinear(self._base_layers[name], sizes))
+            yield from (f"{name}.{i}" for i in range(len(sizes)))
 
     def activate(self, role: Role) -> None:
         """Make ``role``'s adapter the one every adapted layer applies."""
@@ -208,8 +265,7 @@ class DualLora:
         if self._removed:
             return
         for name, base_layer in self._base_layers.items():
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child_name, base_layer)
+            _set_submodule(self.model, name, base_layer)
         for p, requires_grad in self._base_requires_grad.items():
             p.requires_grad_(requires_grad)
         if self._peft_config_before is None:
@@ -223,3 +279,8 @@ class DualLora:
 
     def __exit__(self, *exc_info) -> None:
         self.remove()
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, module)

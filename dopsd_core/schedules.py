@@ -18,6 +18,8 @@ ZIMAGE_TURBO_INFERENCE_SIGMAS_8 = (1.0, 0.9769, 0.9478, 0.9099, 0.8586, 0.7853, 
 _FLUX2_MU_10_STEPS = (8.73809524e-05, 1.89833333)
 _FLUX2_MU_200_STEPS = (0.00016927, 0.45666666)
 _FLUX2_MU_STEP_INDEPENDENT_ABOVE_TOKENS = 4300
+# diffusers' FlowMatchEulerDiscreteScheduler with 1000 training timesteps: its smallest sigma.
+_DIFFUSERS_FLOW_SIGMA_MIN = 1.0 / 1000
 
 
 def validate_sigmas(sigmas: Tensor | Sequence[float]) -> Tensor:
@@ -79,14 +81,30 @@ def flux2_image_tokens(height_px: int, width_px: int) -> int:
 
 
 def flux2_klein_sigmas(steps: int, image_tokens: int) -> Tensor:
-    """FLUX.2 sampling schedule: ``t = linspace(1, 1/steps, steps)``, exponential time shift
-    ``sigma = e^mu / (e^mu + (1/t - 1))`` with ``mu = flux2_klein_mu(image_tokens, steps)``, then 0.
+    """FLUX.2's sampling schedule (the diffusers klein pipeline, ComfyUI's Flux2Scheduler):
+    ``t = linspace(1, 1/steps, steps)`` through ``flux2_time_shift``, then 0."""
+    _require_steps(steps)
+    return flux2_time_shift(torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64), image_tokens, steps)
 
-    ``image_tokens`` is the packed image sequence length, ``(height_px / 16) * (width_px / 16)``.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+
+def flux2_klein_training_sigmas(steps: int, image_tokens: int) -> Tensor:
+    """The D-OPSD authors' klein roll-out schedule: diffusers' ``set_timesteps(steps, mu=mu)`` with no explicit
+    sigmas, i.e. ``t = linspace(1, 0.001, steps)`` (sigma_max to the scheduler's sigma_min = 1/1000) through
+    ``flux2_time_shift``, then 0. It ends far lower than the sampling grid: at 1024² it is
+    [1, 0.952, 0.832, 0.0098, 0] against [1, 0.967, 0.908, 0.767, 0]."""
+    _require_steps(steps)
+    t = torch.linspace(1.0, _DIFFUSERS_FLOW_SIGMA_MIN, steps, dtype=torch.float64)
+    return flux2_time_shift(t, image_tokens, steps)
+
+
+def flux2_time_shift(t: Tensor, image_tokens: int, steps: int) -> Tensor:
+    """``sigma = e^mu / (e^mu + (1/t - 1))`` with ``mu = flux2_klein_mu(image_tokens, steps)``, followed by the
+    final 0, as float32."""
     exp_mu = math.exp(flux2_klein_mu(image_tokens, steps))
-    t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
     sigmas = exp_mu / (exp_mu + (1.0 / t - 1.0))
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
+
+
+def _require_steps(steps: int) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")

@@ -79,7 +79,8 @@ class TrainingItem:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters; the defaults are the D-OPSD authors' for Z-Image-Turbo.
+    """Hyper-parameters; the defaults are the D-OPSD authors' per-device settings for Z-Image-Turbo
+    (their effective batch of 4 came from 4 GPUs: ``gradient_accumulation=4`` gives it on one).
 
     ``grad_clip``: maximum global gradient norm, 0 for none. ``warmup_steps``: the learning rate
     rises linearly over this many optimizer steps. ``mixed_precision``: "auto" is bf16 autocast

@@ -180,3 +180,50 @@ def test_remove_restores_the_base_model_exactly():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags_before
     assert not hasattr(model, "peft_config")
     assert torch.equal(model(x, sigma, cond), out_before)
+
+
+def test_gaussian_init_is_the_default_and_draws_down_from_n_0_1_over_rank_squared():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 512))
+    rank = 16
+    gaussian = DualLora(model, LoraSpec(rank=rank, alpha=32.0, target_modules=["0", "1"])).student_state()
+    downs = torch.cat([entry["down"].flatten() for entry in gaussian.values()])
+    assert abs(downs.std().item() - 1 / rank) < 0.02 / rank
+    assert abs(downs.mean().item()) < 0.02 / rank
+    assert all(not entry["up"].any() for entry in gaussian.values())
+
+    kaiming = DualLora(nn.Sequential(nn.Linear(512, 256)), LoraSpec(rank=rank, target_modules=["0"], init="default"))
+    down = kaiming.student_state()["0"]["down"]
+    assert down.abs().max() <= 512 ** -0.5  # peft's Kaiming-uniform bound, 1/sqrt(fan_in)
+    assert abs(down.std().item() - 512 ** -0.5 / 3 ** 0.5) < 0.1 * 512 ** -0.5
+
+
+def test_output_slices_get_separate_adapters_that_apply_to_their_rows_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(CastLinear(6, 12), nn.ReLU(), CastLinear(12, 3))
+    fused = model[0]
+    x = torch.randn(5, 6)
+    before = model(x)
+    spec = LoraSpec(rank=2, alpha=3.0, target_modules=["0", "2"], output_slices={"0": (4, 4, 4)})
+    with DualLora(model, spec) as adapters:
+        assert adapters.module_names == ("0.0", "0.1", "0.2", "2")
+        assert sum(p.numel() for p in adapters.student_parameters()) == 3 * 2 * (6 + 4) + 2 * (12 + 3)
+        torch.testing.assert_close(model(x), before)  # up starts at zero: the slices compute the fused layer
+        state = random_adapter_state(adapters, seed=1)
+        adapters.load_state(state)
+        delta = torch.cat([x @ state[f"0.{i}"]["down"].T @ state[f"0.{i}"]["up"].T for i in range(3)], dim=-1)
+        torch.testing.assert_close(model[0](x), fused(x) + 1.5 * delta)
+        assert model(x.bfloat16()).dtype == torch.bfloat16
+        model(x).square().mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.student_parameters())
+        assert fused.weight.grad is None
+    assert model[0] is fused
+    assert torch.equal(model(x), before)
+
+
+def test_output_slices_that_do_not_partition_the_layer_are_refused_and_leave_the_model_as_it_was():
+    model = nn.Sequential(nn.Linear(6, 12))
+    layer = model[0]
+    with pytest.raises(ValueError, match="do not partition"):
+        DualLora(model, LoraSpec(rank=2, target_modules=["0"], output_slices={"0": (4, 4)}))
+    assert model[0] is layer and not hasattr(model, "peft_config") and layer.weight.requires_grad

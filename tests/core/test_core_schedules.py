@@ -1,9 +1,13 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from dopsd_core import (
     flux2_klein_mu,
     flux2_klein_sigmas,
+    flux2_klein_training_sigmas,
     validate_sigmas,
     zimage_turbo_inference_sigmas,
     zimage_turbo_training_sigmas,
@@ -104,3 +108,38 @@ def test_validate_sigmas_accepts_sequences_and_returns_float32():
 )
 def test_flux2_klein_4_step_sigmas_at_several_image_sizes(tokens, expected):
     torch.testing.assert_close(flux2_klein_sigmas(4, tokens), torch.tensor(expected), atol=1e-7, rtol=0)
+
+
+def diffusers_klein_training_sigmas(steps: int, image_tokens: int) -> list[float]:
+    """What the authors' klein training scripts roll out on, written out as diffusers 0.38 computes it:
+    FlowMatchEulerDiscreteScheduler (1000 training timesteps, dynamic shifting) ``set_timesteps(steps, mu=mu)``
+    with mu from the klein pipeline's ``compute_empirical_mu(image_seq_len, steps)``."""
+    if image_tokens > 4300:
+        mu = A2 * image_tokens + B2
+    else:
+        m_200, m_10 = A2 * image_tokens + B2, A1 * image_tokens + B1
+        slope = (m_200 - m_10) / 190.0
+        mu = slope * steps + (m_200 - 200.0 * slope)
+    train_sigmas = np.linspace(1, 1000, 1000, dtype=np.float32)[::-1] / 1000
+    sigma_max, sigma_min = float(train_sigmas[0]), float(train_sigmas[-1])
+    timesteps = np.linspace(sigma_max * 1000, sigma_min * 1000, steps)
+    sigmas = timesteps / 1000
+    sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+    return [*sigmas.tolist(), 0.0]
+
+
+def test_klein_training_schedule_at_1024_px_is_the_authors_grid():
+    sigmas = flux2_klein_training_sigmas(4, 4096)
+    torch.testing.assert_close(sigmas, torch.tensor([1.0, 0.952, 0.832, 0.0098, 0.0]), atol=1e-3, rtol=0)
+    assert sigmas.dtype == torch.float32
+    # The sampling grid at the same size ends its last step far higher.
+    assert flux2_klein_sigmas(4, 4096)[3] > 0.7
+
+
+@pytest.mark.parametrize("tokens", [256, 1024, 2304, 3600, 4300, 4301, 5184, 8192])
+@pytest.mark.parametrize("steps", [2, 4, 8])
+def test_klein_training_schedule_matches_the_diffusers_scheduler_at_other_sizes(tokens, steps):
+    expected = torch.tensor(diffusers_klein_training_sigmas(steps, tokens), dtype=torch.float32)
+    sigmas = flux2_klein_training_sigmas(steps, tokens)
+    torch.testing.assert_close(sigmas, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(validate_sigmas(sigmas), sigmas)
