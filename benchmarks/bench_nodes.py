@@ -384,7 +384,8 @@ def dopsd_graph(setting: Setting, images, *, k: int, seed: int, checkpointing: b
     trained = g.node(
         "DOPSDTrain", model=loader.out(0), training_set=pairs, training_sigmas=schedules[k], objective=objective,
         steps=setting.steps, learning_rate=1e-4, rank=setting.rank, alpha=2.0 * setting.rank, ema_decay=0.9999,
-        loss_space="x0", gradient_accumulation=1, warmup_steps=0, seed=seed, lora_targets=setting.lora_targets,
+        loss_space="x0", gradient_accumulation=1, warmup_steps=0, seed=seed, lora_targets="custom regex",
+        custom_lora_targets=setting.lora_targets, lora_init="gaussian",
         gradient_checkpointing=checkpointing, checkpoint_every=0, checkpoint_folder="dopsd/checkpoints/bench",
         resume=False, preview_every=0,
     )

@@ -6,13 +6,23 @@ loaders work just as well.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from ..dopsd_core import schedules
 
 Schedule = Callable[[int], torch.Tensor]  # the image's token count -> sigmas ending at 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The authors' optimisation settings. They trained with batch 1 on each of 4 or 8 GPUs; on one device, gradient
+    accumulation over as many roll-outs gives the same averaged gradient."""
+
+    steps: int
+    learning_rate: float
+    gradient_accumulation: int
 
 
 @dataclass(frozen=True)
@@ -24,11 +34,7 @@ class Family:
     clip_type: str  # a comfy.sd.CLIPType member name
     inference_sigmas: Schedule  # what the family generates with
     training_sigmas: Schedule  # the authors' D-OPSD roll-out schedule
-
-
-def klein_four_steps(image_tokens: int) -> torch.Tensor:
-    """klein samples and trains on its own 4-step schedule, shifted for the image size."""
-    return schedules.flux2_klein_sigmas(4, image_tokens)
+    recipe: Recipe
 
 
 # Z-Image-Turbo's schedules do not depend on the image size.
@@ -40,17 +46,21 @@ ZIMAGE_TURBO = Family(
     clip_type="LUMINA2",
     inference_sigmas=lambda image_tokens: schedules.zimage_turbo_inference_sigmas(),
     training_sigmas=lambda image_tokens: schedules.zimage_turbo_training_sigmas(4),
+    recipe=Recipe(steps=2000, learning_rate=1e-4, gradient_accumulation=4),
 )
+# klein samples on its 4-step grid shifted for the image size; the authors rolled out on another 4-step grid
+# (ending near 0.001 instead of 1/4), shifted the same way.
 FLUX2_KLEIN_4B = Family(
     name="FLUX.2-klein 4B",
     diffusion_model="flux-2-klein-4b.safetensors",
     text_encoder="qwen_3_4b.safetensors",
     vae="flux2-vae.safetensors",
     clip_type="FLUX2",
-    inference_sigmas=klein_four_steps,
-    training_sigmas=klein_four_steps,
+    inference_sigmas=lambda image_tokens: schedules.flux2_klein_sigmas(4, image_tokens),
+    training_sigmas=lambda image_tokens: schedules.flux2_klein_training_sigmas(4, image_tokens),
+    recipe=Recipe(steps=3000, learning_rate=2e-5, gradient_accumulation=4),
 )
-# The 9B model differs from the 4B only in its files.
+# The 9B model differs from the 4B only in its files (the authors used the same recipe for both).
 FLUX2_KLEIN_9B = replace(
     FLUX2_KLEIN_4B,
     name="FLUX.2-klein 9B",
@@ -59,24 +69,61 @@ FLUX2_KLEIN_9B = replace(
 )
 FAMILIES = {f.name: f for f in (ZIMAGE_TURBO, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B)}
 CUSTOM = "custom"
+# klein edit tuning: the concept recipe on 8 GPUs.
+KLEIN_EDIT_TUNING = replace(FLUX2_KLEIN_4B.recipe, gradient_accumulation=8)
+
+# Roll-out schedules to train on: the authors' (the default), or the grid the family samples with.
+PUBLISHED_SCHEDULE = "published (authors')"
+SAMPLING_SCHEDULE = "sampling grid"
+ROLLOUT_SCHEDULES = (PUBLISHED_SCHEDULE, SAMPLING_SCHEDULE)
+
+
+def rollout_schedule(family: Family, choice: str) -> Schedule:
+    return family.training_sigmas if choice == PUBLISHED_SCHEDULE else family.inference_sigmas
+
+
+def schedule_name(sigmas: torch.Tensor, image_tokens: Iterable[int]) -> str:
+    """Which roll-out schedule `sigmas` is for an image of one of `image_tokens` tokens: a family's published or
+    sampling grid, else "custom"."""
+    sigmas = sigmas.detach().cpu().float()
+    for choice in ROLLOUT_SCHEDULES:
+        for family in FAMILIES.values():
+            for tokens in image_tokens:
+                expected = rollout_schedule(family, choice)(tokens)
+                if expected.shape == sigmas.shape and torch.allclose(expected, sigmas, atol=1e-6, rtol=0):
+                    return choice
+    return "custom"
+
 
 # Pixels the official workflows generate at; sets the resolution-dependent FLUX.2 schedule at load time.
 DEFAULT_IMAGE_TOKENS = (1024 // 16) * (1024 // 16)
 
-# LoRA targets per architecture (ComfyUI module names): attention q/k/v/out and the feed-forward layers, in every
-# transformer block (FLUX.2 also its text-stream projections). ComfyUI fuses q/k/v into one `qkv` linear.
-LORA_TARGETS = {
-    "NextDiT": r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])",
-    "Flux": r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12]",
+# LoRA targets per architecture (ComfyUI module names; ComfyUI fuses q/k/v into one `qkv` linear, which gets one
+# adapter per q, k and v slice). "published": what the authors' adapters reach. For Z-Image that is attention
+# q/k/v/out and the feed-forward layers of every block; for klein only the double-stream blocks' attention
+# projections (their target list also names MLP and single-block layers, but by names diffusers' klein model does not
+# have, so peft skipped them). "attention + feed-forward": every block's attention and MLP, klein's single blocks too.
+ZIMAGE_ATTENTION_FEED_FORWARD = r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])"
+LORA_TARGET_PRESETS = {
+    "published": {
+        "NextDiT": ZIMAGE_ATTENTION_FEED_FORWARD,
+        "Flux": r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)",
+    },
+    "attention + feed-forward": {
+        "NextDiT": ZIMAGE_ATTENTION_FEED_FORWARD,
+        "Flux": r"double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12]",
+    },
 }
-AUTO = "auto"
+CUSTOM_TARGETS = "custom regex"
+LORA_TARGET_CHOICES = (*LORA_TARGET_PRESETS, CUSTOM_TARGETS)
 
 
-def lora_targets(diffusion_model, requested: str) -> str | None:
-    """The target-module regex: the user's, or for "auto" the one of the model's architecture (None if unknown)."""
-    if requested.strip() != AUTO:
-        return requested.strip()
-    return LORA_TARGETS.get(type(diffusion_model).__name__)
+def lora_targets(diffusion_model, choice: str, custom_regex: str = "") -> str | None:
+    """The target-module regex: a preset's for the model's architecture (None if the preset does not know it), or the
+    user's regex."""
+    if choice == CUSTOM_TARGETS:
+        return custom_regex.strip() or None
+    return LORA_TARGET_PRESETS[choice].get(type(diffusion_model).__name__)
 
 
 def transformer_blocks(diffusion_model) -> list:

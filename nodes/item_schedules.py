@@ -9,15 +9,19 @@ import dataclasses
 
 from comfy_api.latest import io
 
-from ..dopsd_core import flux2_image_tokens, flux2_klein_sigmas, validate_sigmas
+from ..dopsd_core import flux2_image_tokens, flux2_klein_sigmas, flux2_klein_training_sigmas, validate_sigmas
 from .conditioning import TRAINING_SET, EncodedItem
 from .errors import node_error
+from .families import PUBLISHED_SCHEDULE, SAMPLING_SCHEDULE
+
+FLUX2_SCHEDULES = {PUBLISHED_SCHEDULE: flux2_klein_training_sigmas, SAMPLING_SCHEDULE: flux2_klein_sigmas}
 
 
-def flux2_schedule_for(item: EncodedItem, steps: int):
-    """klein's schedule for the image the item's target latent was encoded from: (H_px/16)·(W_px/16) tokens."""
+def flux2_schedule_for(item: EncodedItem, steps: int, choice: str = PUBLISHED_SCHEDULE):
+    """klein's `choice` of schedule for the image the item's target latent was encoded from: (H_px/16)·(W_px/16)
+    tokens."""
     height, width = item.image.shape[1:3]
-    return flux2_klein_sigmas(steps, flux2_image_tokens(height, width))
+    return FLUX2_SCHEDULES[choice](steps, flux2_image_tokens(height, width))
 
 
 def require_matching_step_count(training_set: list[EncodedItem], sigmas, input_name: str, node) -> None:
@@ -38,25 +42,30 @@ class DOPSDScheduleFlux2PerImage(io.ComfyNode):
             display_name="Training Schedule per Image Size (D-OPSD, FLUX.2)",
             category="D-OPSD",
             description=(
-                "Gives every image of the training set FLUX.2-klein's own schedule for its size, as Flux2Scheduler "
-                "computes it: the shift grows with the image's token count, (height/16)·(width/16), and aspect "
-                "buckets differ in size. D-OPSD Train rolls each image out on its own schedule."
+                "Gives every image of the training set FLUX.2-klein's schedule for its own size: the shift grows with "
+                "the image's token count, (height/16)·(width/16), and aspect buckets differ in size. D-OPSD Train and "
+                "the preview roll each image out on its own schedule."
             ),
             inputs=[
                 TRAINING_SET.Input("training_set"),
                 io.Sigmas.Input("training_sigmas",
                                 tooltip="The schedule given to D-OPSD Train (the loader's training_sigmas): only its "
                                         "number of steps is used."),
+                io.Combo.Input("schedule", options=list(FLUX2_SCHEDULES), default=PUBLISHED_SCHEDULE,
+                               tooltip="'published': the authors' roll-out grid (diffusers' set_timesteps with mu: "
+                                       "linspace(1, 0.001) shifted; at 1024² 1, .952, .832, .0098). 'sampling grid': "
+                                       "the one klein samples with, as Flux2Scheduler computes it (1, .967, .908, "
+                                       ".767). Use the loader's training_schedule choice."),
             ],
             outputs=[TRAINING_SET.Output(display_name="training_set")],
         )
 
     @classmethod
-    def execute(cls, training_set, training_sigmas) -> io.NodeOutput:
+    def execute(cls, training_set, training_sigmas, schedule) -> io.NodeOutput:
         try:
             steps = len(validate_sigmas(training_sigmas)) - 1
         except ValueError as err:
             raise node_error(cls, f"training_sigmas: {err}", "connect the loader's training_sigmas") from err
         if not training_set:
             raise node_error(cls, "the training set is empty", "connect a teacher-context node fed by a dataset")
-        return io.NodeOutput([dataclasses.replace(item, sigmas=flux2_schedule_for(item, steps)) for item in training_set])
+        return io.NodeOutput([dataclasses.replace(item, sigmas=flux2_schedule_for(item, steps, schedule)) for item in training_set])

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from . import comfy_compat
 from .errors import node_error
-from .families import CUSTOM, DEFAULT_IMAGE_TOKENS, FAMILIES, ZIMAGE_TURBO
+from .families import CUSTOM, DEFAULT_IMAGE_TOKENS, FAMILIES, PUBLISHED_SCHEDULE, ROLLOUT_SCHEDULES, ZIMAGE_TURBO, rollout_schedule
 
 PRESET_TEXT_ENCODER = "from preset"
 # Custom models: the model's own schedule, at the steps few-step models are usually run with.
@@ -58,6 +58,11 @@ class DOPSDLoadModel(io.ComfyNode):
                 io.Combo.Input("text_encoder_type", options=[PRESET_TEXT_ENCODER, *(t.name.lower() for t in comfy.sd.CLIPType)],
                                default=PRESET_TEXT_ENCODER, tooltip="Only needed for the 'custom' family."),
                 io.Combo.Input("vae", options=vae_files, default=vae_default, tooltip="From models/vae."),
+                io.Combo.Input("training_schedule", options=list(ROLLOUT_SCHEDULES), default=PUBLISHED_SCHEDULE,
+                               tooltip="The roll-out schedule of training_sigmas. 'published': the authors' (Z-Image: "
+                                       "4 steps 1, .9, .75, .5; klein: 4 steps ending near 0.001, which is not what it "
+                                       "samples with). 'sampling grid': the family's own sampling schedule (Z-Image: "
+                                       "its 8 steps). Not used by the 'custom' family."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -69,7 +74,7 @@ class DOPSDLoadModel(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, family, diffusion_model, text_encoder, text_encoder_type, vae) -> io.NodeOutput:
+    def execute(cls, family, diffusion_model, text_encoder, text_encoder_type, vae, training_schedule) -> io.NodeOutput:
         preset = FAMILIES.get(family)
         if preset is None and text_encoder_type == PRESET_TEXT_ENCODER:
             raise node_error(cls, "the 'custom' family has no preset text-encoder type",
@@ -93,5 +98,5 @@ class DOPSDLoadModel(io.ComfyNode):
             training = comfy.samplers.calculate_sigmas(sampling, "simple", CUSTOM_TRAINING_STEPS)
         else:
             inference = preset.inference_sigmas(DEFAULT_IMAGE_TOKENS)
-            training = preset.training_sigmas(DEFAULT_IMAGE_TOKENS)
+            training = rollout_schedule(preset, training_schedule)(DEFAULT_IMAGE_TOKENS)
         return io.NodeOutput(model, clip, loaded_vae, inference.cpu().float(), training.cpu().float())

@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
+import comfy.lora
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -13,6 +16,7 @@ import safetensors.torch
 import torch
 from comfy_api.latest import io
 
+from ..dopsd_core import find_target_modules
 from .errors import node_error
 from .user_paths import resolve_inside
 
@@ -28,16 +32,63 @@ class TrainedLora(dict):
         self.metadata = metadata
 
 
-def comfy_lora_tensors(adapter_state: dict[str, dict], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """{module: {"down", "up", "alpha"}} of the diffusion model -> ComfyUI LoRA keys
-    `diffusion_model.<module>.lora_down.weight`, `.lora_up.weight`, `.alpha` (what comfy.lora loads)."""
+def comfy_lora_tensors(adapter_state: dict[str, dict], dtype: torch.dtype = torch.float32,
+                       keys: Mapping[str, str] = {}) -> dict[str, torch.Tensor]:
+    """{module: {"down", "up", "alpha"}} of the diffusion model -> ComfyUI LoRA tensors `<key>.lora_down.weight`,
+    `<key>.lora_up.weight`, `<key>.alpha` (what comfy.lora loads), with `<key>` from `keys` (output slices) or else
+    `diffusion_model.<module>`."""
     tensors = {}
     for module, weights in adapter_state.items():
-        key = DIFFUSION_MODEL_PREFIX + module
+        key = keys.get(module, DIFFUSION_MODEL_PREFIX + module)
         tensors[f"{key}.lora_down.weight"] = weights["down"].detach().to("cpu", dtype).contiguous()
         tensors[f"{key}.lora_up.weight"] = weights["up"].detach().to("cpu", dtype).contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(weights["alpha"]))
     return tensors
+
+
+def output_slice_layout(base_model, target_modules: str) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Which targeted layers get one adapter per output slice, and the LoRA key each slice's adapter is saved under:
+    `({module: [slice sizes]}, {"<module>.<i>": LoRA key})`.
+
+    These are the layers ComfyUI's LoRA loader also patches slice by slice: q, k and v of a fused `qkv` linear,
+    which LoRA files of diffusers-style trainers address separately (`...attention.to_q` and so on). One adapter per
+    slice is what those trainers (the D-OPSD authors' included) train, and the stock loader applies each at its
+    slice's offset. Read from ComfyUI's own LoRA key map of `base_model` (a MODEL's `.model`), so it covers every
+    architecture the loader maps this way; a layer counts only where its slices partition its outputs exactly."""
+    diffusion_model = base_model.diffusion_model
+    targets = set(find_target_modules(diffusion_model, target_modules))
+    aliases = defaultdict(lambda: defaultdict(list))  # module -> (offset, size) -> LoRA keys
+    for lora_key, target in comfy.lora.model_lora_keys_unet(base_model, {}).items():
+        if not (isinstance(target, tuple) and len(target) == 2 and isinstance(target[1], tuple)):
+            continue
+        weight_key, (dim, offset, size) = target
+        module = weight_key.removeprefix(DIFFUSION_MODEL_PREFIX).removesuffix(".weight")
+        if dim == 0 and weight_key.endswith(".weight") and module in targets:
+            aliases[module][(offset, size)].append(lora_key)
+    sizes, keys = {}, {}
+    for module, by_interval in sorted(aliases.items()):
+        parts = _partition(list(by_interval), diffusion_model.get_submodule(module).out_features)
+        if parts is not None:
+            sizes[module] = [size for _, size in parts]
+            keys |= {f"{module}.{i}": min(by_interval[part], key=_preferred_key) for i, part in enumerate(parts)}
+    return sizes, keys
+
+
+def _partition(intervals: list[tuple[int, int]], total: int) -> list[tuple[int, int]] | None:
+    """Consecutive (offset, size) intervals from 0 to `total`, each the smallest starting where the last ended."""
+    cursor, parts = 0, []
+    while cursor < total:
+        sizes = [size for offset, size in intervals if offset == cursor and size > 0]
+        if not sizes:
+            return None
+        parts.append((cursor, min(sizes)))
+        cursor += min(sizes)
+    return parts if cursor == total else None
+
+
+def _preferred_key(key: str) -> tuple:
+    """One of a slice's aliases, the same every time: ComfyUI's own prefix, then the diffusers one."""
+    return (not key.startswith(DIFFUSION_MODEL_PREFIX), not key.startswith("transformer."), len(key), key)
 
 
 def apply_lora(model, lora: dict[str, torch.Tensor], strength: float = 1.0):

@@ -4,8 +4,8 @@ The teacher sees the target image the way an edit model sees its input images: V
 conditioning as reference latents (ComfyUI's ReferenceLatent mechanism), plus an instruction appended to the
 prompt that tells the model what to do with it. The student sees what it will see at inference.
 
-* Concept tuning: student = the prompt; teacher = the prompt + "keep the subject, background and composition
-  of the reference" + the target as the reference.
+* Concept tuning: student = the prompt; teacher = the prompt + an instruction to keep the reference's subject,
+  background and composition + the target as the reference.
 * Edit tuning: student = the source images as references + the edit instruction; teacher = the sources and the
   target as the LAST reference + the instruction + "the last image is the expected result".
 """
@@ -18,22 +18,20 @@ from .conditioning import TRAINING_SET, EncodedItem, EncodedPair, encode_image, 
 from .dataset import DATASET, DatasetItem
 from .errors import node_error
 
+# The authors' instructions, verbatim: model inputs their published results depend on.
 DEFAULT_REFERENCE_INSTRUCTION = (
-    "Keep the main subject's identity details, the background and the composition consistent with the "
-    "reference image."
+    "Make the main subject (facial/ip details), background, and overall composition consistent with the reference "
+    "image."
 )
-DEFAULT_EDIT_INSTRUCTION = "The last reference image is the expected result of this edit; reproduce it exactly."
-SENTENCE_ENDINGS = (".", "!", "?", "。")
+DEFAULT_EDIT_INSTRUCTION = (
+    "Note that the last image is the output image I expect to be. Your output must be as similar as the last "
+    "reference image, based on the first reference image and the editing instructions."
+)
 
 
 def append_instruction(prompt: str, instruction: str) -> str:
-    """`prompt`, closed as a sentence, followed by `instruction`; the prompt alone for an empty instruction."""
-    prompt, instruction = prompt.strip(), instruction.strip()
-    if not instruction:
-        return prompt
-    if prompt and not prompt.endswith(SENTENCE_ENDINGS):
-        prompt += "."
-    return f"{prompt} {instruction}".strip()
+    """`prompt`, a space and `instruction`, as the authors join them; the prompt alone for an empty instruction."""
+    return f"{prompt} {instruction}" if instruction.strip() else prompt
 
 
 def teacher_schema(node_id: str, display_name: str, description: str, dataset_tooltip: str, instruction: str,

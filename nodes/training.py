@@ -24,15 +24,24 @@ from ..dopsd_core import (
     TrainingItem,
     TrainingPair,
     allow_inplace_residuals,
+    flux2_image_tokens,
     latest_checkpoint,
     rollout,
     validate_sigmas,
 )
 from .conditioning import TRAINING_SET, EncodedItem
 from .errors import node_error
-from .families import AUTO, lora_targets, transformer_blocks
+from .families import (
+    CUSTOM_TARGETS,
+    DEFAULT_IMAGE_TOKENS,
+    LORA_TARGET_CHOICES,
+    ZIMAGE_TURBO,
+    lora_targets,
+    schedule_name,
+    transformer_blocks,
+)
 from .item_schedules import require_matching_step_count
-from .lora_io import TrainedLora, apply_lora, comfy_lora_tensors
+from .lora_io import TrainedLora, apply_lora, comfy_lora_tensors, output_slice_layout
 from .model_bridge import (
     ModelSession,
     explain_unreadable_conditioning,
@@ -44,6 +53,7 @@ from .model_bridge import (
 from .user_paths import resolve_inside
 
 OBJECTIVES = {"D-OPSD": "dopsd", "SFT": "sft"}
+LORA_INITS = {"gaussian": "gaussian", "peft default (Kaiming)": "default"}
 LORA_DTYPE = torch.bfloat16
 PREVIEW_SEED = 0
 
@@ -55,8 +65,7 @@ def base_model_name(model) -> str:
 class DOPSDTrain(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        defaults = TrainConfig()
-        spec = LoraSpec()
+        defaults, recipe, spec = TrainConfig(), ZIMAGE_TURBO.recipe, LoraSpec()
         return io.Schema(
             node_id="DOPSDTrain",
             display_name="Train LoRA with D-OPSD",
@@ -72,21 +81,34 @@ class DOPSDTrain(io.ComfyNode):
                 TRAINING_SET.Input("training_set"),
                 io.Sigmas.Input("training_sigmas", tooltip="The roll-out schedule; must end at 0."),
                 io.Combo.Input("objective", options=list(OBJECTIVES), default="D-OPSD"),
-                io.Int.Input("steps", default=defaults.steps, min=1, max=1_000_000,
-                             tooltip="Optimizer steps in total (also when resuming)."),
-                io.Float.Input("learning_rate", default=defaults.learning_rate, min=0.0, max=1.0, step=1e-6,
-                               round=False, tooltip="AdamW; 1e-4 for Z-Image / klein 4B, 2e-5 for klein 9B."),
+                io.Int.Input("steps", default=recipe.steps, min=1, max=1_000_000,
+                             tooltip="Optimizer steps in total (also when resuming). Authors: 2000 for Z-Image, 3000 for "
+                                     "klein."),
+                io.Float.Input("learning_rate", default=recipe.learning_rate, min=0.0, max=1.0, step=1e-6,
+                               round=False, tooltip="AdamW. Authors: 1e-4 for Z-Image, 2e-5 for klein 4B and 9B (concept "
+                                                    "and edit tuning)."),
                 io.Int.Input("rank", default=spec.rank, min=1, max=1024),
                 io.Float.Input("alpha", default=spec.alpha, min=0.0, max=4096.0, step=1.0),
+                io.Combo.Input("lora_init", options=list(LORA_INITS), default="gaussian",
+                               tooltip="How the LoRA's down-projection starts (up starts at 0 either way). Authors: "
+                                       "gaussian, N(0, 1/rank²); peft's Kaiming default gives smaller early updates."),
                 io.Float.Input("ema_decay", default=defaults.ema_decay, min=0.0, max=1.0, step=1e-5, round=False,
                                tooltip="The teacher adapter follows the student as an EMA with this decay."),
                 io.Combo.Input("loss_space", options=["x0", "velocity"], default=defaults.loss_space),
-                io.Int.Input("gradient_accumulation", default=defaults.gradient_accumulation, min=1, max=1024),
+                io.Int.Input("gradient_accumulation", default=recipe.gradient_accumulation, min=1, max=1024,
+                             tooltip="Roll-outs averaged per optimizer step. The authors trained with one roll-out on "
+                                     "each of 4 GPUs (8 for klein edit tuning): 4 (8) here gives their batch."),
                 io.Int.Input("warmup_steps", default=defaults.warmup_steps, min=0, max=100_000),
                 io.Int.Input("seed", default=defaults.seed, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Fixed, so queueing again reuses the trained result instead of retraining."),
-                io.String.Input("lora_targets", default=AUTO,
-                                tooltip="'auto' (attention and feed-forward of every block) or a regex over module names."),
+                io.Combo.Input("lora_targets", options=list(LORA_TARGET_CHOICES), default=LORA_TARGET_CHOICES[0],
+                               tooltip="'published': the layers the authors' LoRA reaches (Z-Image: attention and "
+                                       "feed-forward of every block; klein: the double blocks' attention only). "
+                                       "'attention + feed-forward': every block's attention and MLP. q, k and v get "
+                                       "separate adapters."),
+                io.String.Input("custom_lora_targets", default="",
+                                tooltip="With lora_targets 'custom regex': a regex matching whole module names of the "
+                                        "diffusion model, e.g. 'layers\\.\\d+\\.attention\\.(qkv|out)'."),
                 io.Boolean.Input("gradient_checkpointing", default=True),
                 io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000,
                              tooltip="Save a resumable checkpoint every N steps (0: off)."),
@@ -105,9 +127,9 @@ class DOPSDTrain(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, training_set, training_sigmas, objective, steps, learning_rate, rank, alpha, ema_decay,
-                loss_space, gradient_accumulation, warmup_steps, seed, lora_targets, gradient_checkpointing,
-                checkpoint_every, checkpoint_folder, resume, preview_every) -> io.NodeOutput:
+    def execute(cls, model, training_set, training_sigmas, objective, steps, learning_rate, rank, alpha, lora_init,
+                ema_decay, loss_space, gradient_accumulation, warmup_steps, seed, lora_targets, custom_lora_targets,
+                gradient_checkpointing, checkpoint_every, checkpoint_folder, resume, preview_every) -> io.NodeOutput:
         require_flow_model(model, cls)
         try:
             sigmas = validate_sigmas(training_sigmas)
@@ -117,7 +139,8 @@ class DOPSDTrain(io.ComfyNode):
             raise node_error(cls, "the training set is empty", "connect a teacher-context node fed by a dataset")
         require_latents_of(model, [item.latent for item in training_set], cls)
         require_matching_step_count(training_set, sigmas, "training_sigmas", cls)
-        targets = lora_targets_for(model, lora_targets, cls)
+        targets = lora_targets_for(model, lora_targets, custom_lora_targets, cls)
+        output_slices, file_keys = output_slice_layout(model.model, targets)
         checkpoint_dir = None
         if checkpoint_every > 0 or resume:
             checkpoint_dir = resolve_inside(folder_paths.get_output_directory(), checkpoint_folder, cls, "checkpoint folder")
@@ -127,13 +150,18 @@ class DOPSDTrain(io.ComfyNode):
             seed=seed, checkpoint_every=checkpoint_every, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         )
         with torch.inference_mode(False), torch.enable_grad():
-            lora, losses, previews = train(model, training_set, sigmas, config, LoraSpec(rank, alpha, targets, seed=seed),
+            spec = LoraSpec(rank, alpha, targets, init=LORA_INITS[lora_init], seed=seed, output_slices=output_slices)
+            lora, losses, previews = train(model, training_set, sigmas, config, spec, file_keys,
                                            gradient_checkpointing, resume, preview_every)
         metadata = {
             "dopsd.method": objective, "dopsd.base_model": base_model_name(model), "dopsd.steps": str(steps),
             "dopsd.rank": str(rank), "dopsd.alpha": str(alpha), "dopsd.lora_targets": targets,
+            "dopsd.lora_targets_choice": lora_targets, "dopsd.lora_init": LORA_INITS[lora_init],
+            "dopsd.fused_layers": "one adapter per slice (q, k, v)" if output_slices else "one adapter per layer",
+            "dopsd.rollout_schedule": rollout_schedule_name(sigmas, training_set),
             "dopsd.training_sigmas": json.dumps([round(s, 6) for s in sigmas.tolist()]),
-            "dopsd.learning_rate": str(learning_rate), "dopsd.ema_decay": str(ema_decay),
+            "dopsd.learning_rate": str(learning_rate), "dopsd.gradient_accumulation": str(gradient_accumulation),
+            "dopsd.ema_decay": str(ema_decay),
             "dopsd.loss_space": loss_space, "dopsd.images": str(len(training_set)),
         }
         per_size = {f"{item.image.shape[2]}x{item.image.shape[1]}": [round(s, 6) for s in item.sigmas.tolist()]
@@ -144,12 +172,26 @@ class DOPSDTrain(io.ComfyNode):
         return io.NodeOutput(apply_lora(model, trained), trained, {"loss": losses}, {"samples": previews})
 
 
-def lora_targets_for(model, requested: str, node) -> str:
-    targets = lora_targets(model.model.diffusion_model, requested)
+def lora_targets_for(model, choice: str, custom_regex: str, node) -> str:
+    targets = lora_targets(model.model.diffusion_model, choice, custom_regex)
+    if targets is None and choice == CUSTOM_TARGETS:
+        raise node_error(node, "lora_targets is 'custom regex' but custom_lora_targets is empty",
+                         "type a regex over the diffusion model's linear-layer names (e.g. '.*attn.*') or pick a preset")
     if targets is None:
-        raise node_error(node, f"no default LoRA targets for a {type(model.model.diffusion_model).__name__} model",
-                         "type a regex over its linear-layer names in lora_targets (e.g. '.*attn.*')")
+        raise node_error(node, f"the '{choice}' LoRA targets do not cover a "
+                               f"{type(model.model.diffusion_model).__name__} model",
+                         "choose lora_targets 'custom regex' and type a regex over its linear-layer names "
+                         "(e.g. '.*attn.*')")
     return targets
+
+
+def rollout_schedule_name(sigmas, training_set: list[EncodedItem]) -> str:
+    """The schedule the run rolled out on, for the LoRA header: "published (authors')", "sampling grid", "custom", or
+    "mixed". Items without their own schedule use `sigmas`, which for klein is the loader's 1024² schedule."""
+    names = {schedule_name(sigmas if item.sigmas is None else item.sigmas,
+                           {flux2_image_tokens(*item.image.shape[1:3]), DEFAULT_IMAGE_TOKENS})
+             for item in training_set}
+    return names.pop() if len(names) == 1 else "mixed"
 
 
 def progress_text(step: int, total: int, loss: float, seconds_per_step: float) -> str:
@@ -163,7 +205,7 @@ def progress_text(step: int, total: int, loss: float, seconds_per_step: float) -
 
 
 def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,
-          gradient_checkpointing: bool, resume: bool, preview_every: int):
+          file_keys: dict[str, str], gradient_checkpointing: bool, resume: bool, preview_every: int):
     """Run the trainer inside a loaded model session; the adapters are always removed again, also on error.
 
     Items that carry their own schedule (EncodedItem.sigmas) are rolled out on it, the others on `sigmas`.
@@ -179,7 +221,8 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
         try:
             adapters = DualLora(diffusion_model, spec)
         except ValueError as err:
-            raise node_error(DOPSDTrain, f"lora_targets: {err}", "use 'auto' or a regex that matches linear layers") from err
+            raise node_error(DOPSDTrain, f"lora_targets: {err}",
+                             "pick a preset or a custom regex that matches linear layers") from err
         with adapters, allow_inplace_residuals(transformer_blocks(diffusion_model)):
             trainer = Trainer(session.predict_x0, adapters, items, sigmas.to(session.device), config, session.device,
                               checkpointed_modules=transformer_blocks(diffusion_model) if gradient_checkpointing else ())
@@ -226,7 +269,7 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
                                  "intact") from err
             if not previews or preview_every == 0:
                 previews.append(session.to_vae_space(preview.render()).float().cpu())
-            lora = comfy_lora_tensors(adapters.student_state(), LORA_DTYPE)
+            lora = comfy_lora_tensors(adapters.student_state(), LORA_DTYPE, file_keys)
     return lora, losses, torch.cat(previews).cpu()
 
 

@@ -20,6 +20,19 @@ if str(REPO) not in sys.path:
 from scripts.workflow_builder import MUTED, Group, Node, Workflow, build  # noqa: E402
 
 
+def families():
+    """The pack's family presets, as ComfyUI imported the pack (needs the booted runtime)."""
+    from tests.harness.comfy_runtime import pack_module
+
+    return pack_module("nodes.families")
+
+
+def recipe_widgets(recipe) -> dict:
+    """The authors' optimisation settings for DOPSDTrain's widgets."""
+    return {"steps": recipe.steps, "learning_rate": recipe.learning_rate,
+            "gradient_accumulation": recipe.gradient_accumulation}
+
+
 def concept_dataset_group(folder: str) -> Group:
     return Group("2 · Your images", (
         f"## 2 · Dataset\n4–20 images in `ComfyUI/input/{folder}/`, each with a same-name `.txt` caption: one prompt "
@@ -40,11 +53,13 @@ def zimage_workflow() -> Workflow:
             "## 1 · Load the step-distilled model\n"
             "Files from ComfyUI's Z-Image-Turbo release: `diffusion_models/z_image_turbo_bf16.safetensors`, "
             "`text_encoders/qwen_3_4b.safetensors`, `vae/ae.safetensors`.\n\n"
-            "Gives the 8-step **inference** schedule and the 4-step D-OPSD **training** schedule "
-            "(sigmas 1, .9, .75, .5 → 0). The stock loaders work too."),
+            "Gives the 8-step **inference** schedule and the authors' 4-step D-OPSD **training** schedule "
+            "(sigmas 1, .9, .75, .5 → 0; `training_schedule` 'sampling grid' trains on the 8 steps instead). The "
+            "stock loaders work too."),
             [Node("load", "DOPSDLoadModel", {"family": "Z-Image-Turbo", "diffusion_model": "z_image_turbo_bf16.safetensors",
                                              "text_encoder": "qwen_3_4b.safetensors", "text_encoder_type": "from preset",
-                                             "vae": "ae.safetensors"})], column=0),
+                                             "vae": "ae.safetensors",
+                                             "training_schedule": families().PUBLISHED_SCHEDULE})], column=0),
         concept_dataset_group("dopsd/my_concept"),
         Group("3 · Teacher context (VLM)", (
             "## 3 · Teacher = prompt + your image\nQwen3-VL built from Z-Image's own text encoder plus the Qwen3-VL-4B "
@@ -59,10 +74,12 @@ def zimage_workflow() -> Workflow:
                   {"model": ("load", 0), "vae": ("load", 2), "training_set": ("teacher", 0), "sigmas": ("load", 4)}),
              Node("preview_image", "PreviewImage", {}, {"images": ("preview", 0)})], column=3),
         Group("5 · Train with D-OPSD", (
-            "## 5 · On-policy self-distillation\nDefaults are the authors': rank 64 / alpha 128, AdamW 1e-4, EMA "
-            "teacher 0.9999, x0 loss, 2000 steps. Set `checkpoint_every` to resume after a cancel. Switch "
-            "`objective` to SFT to compare with plain fine-tuning."),
-            [Node("train", "DOPSDTrain", {"checkpoint_every": 250, "checkpoint_folder": f"dopsd/checkpoints/{lora.split('/')[-1]}",
+            "## 5 · On-policy self-distillation\nThe authors' Z-Image recipe: rank 64 / alpha 128 (gaussian init; "
+            "separate q, k, v adapters) on attention and feed-forward, AdamW 1e-4, gradient accumulation 4 (their "
+            "batch of 4 GPUs), EMA teacher 0.9999, x0 loss, 2000 steps. Set `checkpoint_every` to resume after a "
+            "cancel. Switch `objective` to SFT to compare with plain fine-tuning."),
+            [Node("train", "DOPSDTrain", {**recipe_widgets(families().ZIMAGE_TURBO.recipe), "checkpoint_every": 250,
+                                          "checkpoint_folder": f"dopsd/checkpoints/{lora.split('/')[-1]}",
                                           "preview_every": 100},
                   {"model": ("load", 0), "training_set": ("teacher", 0), "training_sigmas": ("load", 4)}),
              Node("loss", "LossGraphNode", {"filename_prefix": "dopsd_loss"}, {"loss": ("train", 2)}),
@@ -111,12 +128,14 @@ KLEIN_LOAD_NOTE = (
     "`text_encoders/qwen_3_4b.safetensors`, `vae/flux2-vae.safetensors` (9B: pick the 9B preset, "
     "`flux-2-klein-9b.safetensors` and `qwen_3_8b.safetensors`).\n\n"
     "Needs a ComfyUI with FLUX.2-klein support (text-encoder type `flux2`). Gives klein's 4-step **inference** "
-    "schedule and the 4-step **training** schedule, both for 1024×1024."
+    "schedule and the authors' 4-step **training** schedule, both for 1024×1024. The authors rolled out on another "
+    "grid than klein samples with (at 1024²: 1, .952, .832, .0098 against 1, .967, .908, .767); `training_schedule` "
+    "'sampling grid' trains on the sampling one."
 )
 KLEIN_SCHEDULE_NOTE = (
     "Klein's schedule shifts with the image size (its token count, height/16 · width/16), and aspect buckets "
-    "differ: **Training Schedule per Image Size** gives every image its own 4-step schedule, as Flux2Scheduler "
-    "would for that size."
+    "differ: **Training Schedule per Image Size** gives every image its own 4-step schedule for that size. Keep its "
+    "`schedule` the same as the loader's `training_schedule`."
 )
 
 
@@ -124,14 +143,15 @@ def klein_load_group() -> Group:
     return Group("1 · Load FLUX.2-klein 4B", KLEIN_LOAD_NOTE, [
         Node("load", "DOPSDLoadModel", {"family": "FLUX.2-klein 4B", "diffusion_model": "flux-2-klein-4b.safetensors",
                                          "text_encoder": "qwen_3_4b.safetensors", "text_encoder_type": "from preset",
-                                         "vae": "flux2-vae.safetensors"})], column=0)
+                                         "vae": "flux2-vae.safetensors",
+                                         "training_schedule": families().PUBLISHED_SCHEDULE})], column=0)
 
 
 def klein_teacher_group(title: str, note: str, teacher_node: str) -> Group:
     """The teacher context, then klein's schedule for every image's size: preview and training both roll out on it."""
     return Group(title, f"{note}\n\n{KLEIN_SCHEDULE_NOTE}", [
         Node("teacher", teacher_node, {}, {"clip": ("load", 1), "vae": ("load", 2), "dataset": ("dataset", 0)}),
-        Node("schedule", "DOPSDScheduleFlux2PerImage", {},
+        Node("schedule", "DOPSDScheduleFlux2PerImage", {"schedule": families().PUBLISHED_SCHEDULE},
              {"training_set": ("teacher", 0), "training_sigmas": ("load", 4)})], column=2)
 
 
@@ -142,9 +162,9 @@ def klein_preview_group(note: str) -> Group:
         Node("preview_image", "PreviewImage", {}, {"images": ("preview", 0)})], column=3)
 
 
-def klein_train_group(note: str, learning_rate: float, lora_name: str) -> Group:
+def klein_train_group(note: str, recipe, lora_name: str) -> Group:
     return Group("5 · Train with D-OPSD", note, [
-        Node("train", "DOPSDTrain", {"steps": 3000, "learning_rate": learning_rate, "checkpoint_every": 250,
+        Node("train", "DOPSDTrain", {**recipe_widgets(recipe), "checkpoint_every": 250,
                                      "checkpoint_folder": f"dopsd/checkpoints/{lora_name.split('/')[-1]}",
                                      "preview_every": 100},
              {"model": ("load", 0), "training_set": ("schedule", 0), "training_sigmas": ("load", 4)}),
@@ -227,9 +247,10 @@ def klein_concept_workflow() -> Workflow:
             "## 4 · Preview before training\nThe student's own 4-step roll-out; per step: **student | teacher | "
             "target**. The student learns whatever the teacher shows here, artifacts included (e.g. a zoom-in)."),
         klein_train_group(
-            "## 5 · On-policy self-distillation\nThe authors' klein settings: rank 64 / alpha 128 on attention and "
-            "MLPs of both streams, AdamW 1e-4 (4B; 2e-5 for 9B), EMA teacher 0.9999, x0 loss, 3000 steps. Set "
-            "`checkpoint_every` to resume after a cancel.", 1e-4, lora),
+            "## 5 · On-policy self-distillation\nThe authors' klein recipe (4B and 9B): rank 64 / alpha 128 "
+            "(gaussian init) on the double blocks' attention only (`lora_targets` 'published'), AdamW 2e-5, "
+            "gradient accumulation 4 (their batch of 4 GPUs), EMA teacher 0.9999, x0 loss, 3000 steps. Set "
+            "`checkpoint_every` to resume after a cancel.", families().FLUX2_KLEIN_4B.recipe, lora),
         klein_save_group(lora, "## 6 · Save\nThe LoRA goes to `models/loras/dopsd/my_klein_concept.safetensors` "
                                "(Load LoRA lists it at once) and is applied from the saved file."),
         Group("7 · Generate in 4 steps", (
@@ -261,9 +282,10 @@ def klein_edit_workflow() -> Workflow:
             "## 4 · Preview before training\nThe student's own 4-step edit; per step: **student | teacher | "
             "target**. Models with weak multi-reference ability make poor teachers: check here first."),
         klein_train_group(
-            "## 5 · On-policy self-distillation\nThe authors' edit-tuning settings: rank 64 / alpha 128, AdamW "
-            "2e-5, EMA teacher 0.9999, x0 loss, 3000 steps. Set `checkpoint_every` to resume after a cancel.",
-            2e-5, lora),
+            "## 5 · On-policy self-distillation\nThe authors' edit-tuning recipe: rank 64 / alpha 128 (gaussian "
+            "init) on the double blocks' attention, AdamW 2e-5, gradient accumulation 8 (their batch of 8 GPUs), "
+            "EMA teacher 0.9999, x0 loss, 3000 steps. Set `checkpoint_every` to resume after a cancel.",
+            families().KLEIN_EDIT_TUNING, lora),
         klein_save_group(lora, "## 6 · Save\nThe LoRA goes to `models/loras/dopsd/my_klein_edit.safetensors` and "
                                "is applied from the saved file."),
         Group("7 · Edit an image in 4 steps", (

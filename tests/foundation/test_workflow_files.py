@@ -11,7 +11,7 @@ from tests.harness.paths import REPO_ROOT
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 
 
-def test_workflows_folder_holds_exactly_the_generated_files():
+def test_workflows_folder_holds_exactly_the_generated_files(comfy):
     assert sorted(p.name for p in WORKFLOW_DIR.glob("*.json")) == sorted(make().file for make in WORKFLOWS)
 
 

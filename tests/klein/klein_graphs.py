@@ -13,15 +13,18 @@ TINY_MEGAPIXELS = 64 * 64 / 1_000_000
 IMAGE_SCALE_MIN_MEGAPIXELS = 0.01  # ImageScaleToTotalPixels' minimum: about 102x102 px
 TRAIN_DEFAULTS = dict(
     objective="D-OPSD", steps=3, learning_rate=2e-3, rank=4, alpha=8.0, ema_decay=0.9999, loss_space="x0",
-    gradient_accumulation=1, warmup_steps=0, seed=0, lora_targets="auto", gradient_checkpointing=True,
+    gradient_accumulation=1, warmup_steps=0, seed=0, lora_targets="published", custom_lora_targets="",
+    lora_init="gaussian", gradient_checkpointing=True,
     checkpoint_every=0, checkpoint_folder="dopsd/checkpoints/klein_test", resume=False, preview_every=0,
 )
 GENERATION_STEPS = 4
+PUBLISHED_SCHEDULE = "published (authors')"
 
 
 def load_klein(g: Graph, text_encoder_type: str = TEXT_ENCODER_TYPE_0_3_75) -> NodeRef:
     return g.node("DOPSDLoadModel", family="FLUX.2-klein 4B", diffusion_model="flux-2-klein-4b.safetensors",
-                  text_encoder="qwen_3_4b.safetensors", text_encoder_type=text_encoder_type, vae="flux2-vae.safetensors")
+                  text_encoder="qwen_3_4b.safetensors", text_encoder_type=text_encoder_type, vae="flux2-vae.safetensors",
+                  training_schedule=PUBLISHED_SCHEDULE)
 
 
 def dataset(g: Graph, folder: str, trigger_word: str = "sks") -> NodeRef:
@@ -39,8 +42,8 @@ def edit_teacher(g: Graph, loader: NodeRef, data: NodeRef, **inputs) -> NodeRef:
                   **{"instruction": "The last reference image is the expected result.", **inputs})
 
 
-def per_image_schedule(g: Graph, loader: NodeRef, pairs: NodeRef) -> NodeRef:
-    return g.node("DOPSDScheduleFlux2PerImage", training_set=pairs, training_sigmas=loader.out(4))
+def per_image_schedule(g: Graph, loader: NodeRef, pairs: NodeRef, schedule: str = PUBLISHED_SCHEDULE) -> NodeRef:
+    return g.node("DOPSDScheduleFlux2PerImage", training_set=pairs, training_sigmas=loader.out(4), schedule=schedule)
 
 
 def train(g: Graph, loader: NodeRef, pairs: NodeRef, **overrides) -> NodeRef:

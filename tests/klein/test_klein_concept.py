@@ -44,21 +44,26 @@ def test_workflow_trains_on_each_buckets_own_schedule_saves_and_generates(concep
     with safetensors.safe_open(str(lora_file), "pt") as f:
         metadata, keys = f.metadata(), list(f.keys())
     assert metadata["dopsd.base_model"] == "flux-2-klein-4b.safetensors"
-    # LoRA on attention q/k/v/out and the MLPs of both streams (text included) and the single-stream blocks.
-    for module in ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.proj", "double_blocks.1.txt_mlp.0",
-                   "single_blocks.1.linear2"):
-        assert f"diffusion_model.{module}.lora_down.weight" in keys
+    # The published klein targets: the double blocks' attention projections only, q, k and v (image and text
+    # streams) each with its own LoRA under the diffusers names ComfyUI maps onto the fused qkv.
+    modules = {k.removesuffix(".lora_down.weight") for k in keys if k.endswith(".lora_down.weight")}
+    assert modules == {f"transformer.transformer_blocks.{block}.attn.{name}" for block in range(2)
+                       for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")} | {
+        f"diffusion_model.double_blocks.{block}.{stream}_attn.proj" for block in range(2) for stream in ("img", "txt")}
+    assert metadata["dopsd.rollout_schedule"] == "published (authors')"
 
-    # Two aspect buckets (80x48 and 64x64 px): each is rolled out on klein's 4-step schedule for its own size,
-    # the one ComfyUI's Flux2Scheduler gives for that size (float32 there, float64 here: 1e-6).
+    # Two aspect buckets (80x48 and 64x64 px): each is rolled out on the authors' 4-step schedule for its own size
+    # (diffusers' set_timesteps with klein's mu for that size).
+    training_sigmas = pack_module("dopsd_core").flux2_klein_training_sigmas
     per_size = json.loads(metadata["dopsd.training_sigmas_per_image_size"])
     assert set(per_size) == {"80x48", "64x64"}
     for size, sigmas in per_size.items():
         width, height = map(int, size.split("x"))
-        torch.testing.assert_close(torch.tensor(sigmas), comfy_flux2_scheduler(4, width, height), atol=1e-6, rtol=0)
+        torch.testing.assert_close(torch.tensor(sigmas), training_sigmas(4, width * height // 256), atol=1e-6, rtol=0)
+        assert sigmas[3] < 0.05, "the authors' grid ends near 0.001 before the shift"
     assert per_size["80x48"] != per_size["64x64"], "15 and 16 image tokens give different shifts"
     assert json.loads(metadata["dopsd.training_sigmas"]) == pytest.approx(
-        comfy_flux2_scheduler(4, 1024, 1024).tolist(), abs=1e-6), "the loader's training_sigmas: the 1024² schedule"
+        training_sigmas(4, 4096).tolist(), abs=1e-6), "the loader's training_sigmas: the 1024² schedule"
 
     model, lora, loss, previews = outputs["train"]
     assert len(loss["loss"]) == 3 and all(math.isfinite(v) and v > 0 for v in loss["loss"])
@@ -79,7 +84,7 @@ def test_teacher_conditioning_is_the_prompt_plus_instruction_with_the_target_as_
         for pair in item.pairs:
             assert all("reference_latents" not in extras for _, extras in pair.student)
             # Exactly what CLIPTextEncode + a stock ReferenceLatent node give for the prompt with the instruction.
-            text = comfy.nodes.CLIPTextEncode().encode(clip, f"{pair.prompt}. {instruction}")[0]
+            text = comfy.nodes.CLIPTextEncode().encode(clip, f"{pair.prompt} {instruction}")[0]
             stock = reference_latent.execute(text, {"samples": item.latent})[0]
             [[teacher_features, teacher_extras]] = pair.teacher
             [[stock_features, stock_extras]] = stock
@@ -142,7 +147,7 @@ def test_stock_lora_loader_reproduces_the_trained_model_and_the_students_rollout
 
     # 2. The student's own roll-out at the end of training (fp32 adapters, the training preview: first image,
     #    first prompt, noise seed 0, its per-size schedule) against the saved bf16 LoRA through the stock loader.
-    training_schedule = pack_module("dopsd_core").flux2_klein_sigmas(4, (height // 16) * (width // 16))
+    training_schedule = pack_module("dopsd_core").flux2_klein_training_sigmas(4, (height // 16) * (width // 16))
     stock_rollout = sample_with_noise(stock, positive, training_schedule, shape, seed=0)
     student_rollout = previews["samples"][-1:]
     difference = (stock_rollout - student_rollout).abs().max().item()

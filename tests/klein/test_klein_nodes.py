@@ -9,8 +9,17 @@ import torch
 from tests.harness.graph import Graph
 from tests.harness.node_errors import node_error_message
 from tests.klein.klein_data import save, scene
-from tests.klein.klein_graphs import TRAIN_DEFAULTS, dataset, edit_teacher, load_klein, reference_teacher
+from tests.klein.klein_graphs import (
+    PUBLISHED_SCHEDULE,
+    TRAIN_DEFAULTS,
+    dataset,
+    edit_teacher,
+    load_klein,
+    per_image_schedule,
+    reference_teacher,
+)
 from tests.harness.comfy_runtime import pack_module
+from dopsd_core import flux2_klein_sigmas, flux2_klein_training_sigmas
 
 
 def run_to_preview(comfy, build):
@@ -56,17 +65,31 @@ def test_reference_latents_are_attached_as_chained_reference_latent_nodes_would(
     assert "reference_latents" not in text[0][1], "the input conditioning is not modified"
 
 
+AUTHORS_CONCEPT_INSTRUCTION = ("Make the main subject (facial/ip details), background, and overall composition "
+                               "consistent with the reference image.")
+AUTHORS_EDIT_INSTRUCTION = ("Note that the last image is the output image I expect to be. Your output must be as "
+                            "similar as the last reference image, based on the first reference image and the editing "
+                            "instructions.")
+
+
 @pytest.mark.parametrize(
     "prompt, instruction, expected",
     [
-        ("a photo of sks", "Keep it.", "a photo of sks. Keep it."),
-        ("a photo of sks. ", " Keep it.", "a photo of sks. Keep it."),
+        ("a photo of sks", "Keep it.", "a photo of sks Keep it."),
         ("Where is sks?", "Keep it.", "Where is sks? Keep it."),
         ("a photo of sks", "  ", "a photo of sks"),
     ],
 )
-def test_the_instruction_is_appended_as_a_sentence(prompt, instruction, expected):
+def test_the_instruction_follows_the_prompt_after_one_space_as_the_authors_join_them(prompt, instruction, expected):
     assert pack_module("nodes.teacher_reference").append_instruction(prompt, instruction) == expected
+
+
+def test_the_teacher_instructions_default_to_the_authors_strings_verbatim():
+    module = pack_module("nodes.teacher_reference")
+    defaults = {node: {i.id: getattr(i, "default", None) for i in getattr(module, node).define_schema().inputs}["instruction"]
+                for node in ("DOPSDTeacherContextReference", "DOPSDTeacherContextEdit")}
+    assert defaults == {"DOPSDTeacherContextReference": AUTHORS_CONCEPT_INSTRUCTION,
+                        "DOPSDTeacherContextEdit": AUTHORS_EDIT_INSTRUCTION}
 
 
 def test_each_teacher_node_refuses_the_other_dataset_layout(comfy, klein_concept_folder, klein_edit_folder):
@@ -124,7 +147,7 @@ def test_train_refuses_per_image_schedules_with_another_step_count(comfy, klein_
     loader = load_klein(g)
     three_steps = g.node("Flux2Scheduler", steps=3, width=64, height=64)
     scheduled = g.node("DOPSDScheduleFlux2PerImage", training_set=reference_teacher(
-        g, loader, dataset(g, klein_reference_folders[0])), training_sigmas=three_steps)
+        g, loader, dataset(g, klein_reference_folders[0])), training_sigmas=three_steps, schedule=PUBLISHED_SCHEDULE)
     trained = g.node("DOPSDTrain", model=loader.out(0), training_set=scheduled, training_sigmas=loader.out(4),
                      **TRAIN_DEFAULTS)
     g.node("PreviewAny", source=trained.out(1))
@@ -136,7 +159,7 @@ def test_preview_rolls_each_image_out_on_its_own_schedule_as_training_does(comfy
     g = Graph()
     loader = load_klein(g)
     pairs = reference_teacher(g, loader, dataset(g, klein_reference_folders[0]))  # one 64x64 image
-    scheduled = g.node("DOPSDScheduleFlux2PerImage", training_set=pairs, training_sigmas=loader.out(4))
+    scheduled = per_image_schedule(g, loader, pairs, "sampling grid")
 
     def preview(training_set, sigmas):
         node = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=training_set,
@@ -155,11 +178,30 @@ def test_preview_rolls_each_image_out_on_its_own_schedule_as_training_does(comfy
     assert (states["per_image"] - states["preset"]).abs().max() > 1e-3, "the preset's 1024² schedule was used"
 
 
+def test_per_image_schedules_are_the_authors_or_the_sampling_grid_at_each_image_size(comfy, klein_concept_folder):
+    g = Graph()
+    loader = load_klein(g)
+    pairs = reference_teacher(g, loader, dataset(g, klein_concept_folder))  # 80x48 and 64x64 px
+    schedules = {"published": flux2_klein_training_sigmas, "sampling": flux2_klein_sigmas}
+    nodes = {name: per_image_schedule(g, loader, pairs, choice)
+             for name, choice in zip(schedules, (PUBLISHED_SCHEDULE, "sampling grid"))}
+    for node in nodes.values():
+        g.node("PreviewAny", source=node)
+    run = comfy.run(g.to_api())
+    assert run.success, run.error or run.node_errors
+    for name, schedule in schedules.items():
+        items = run.output(nodes[name].node_id)[0]
+        assert sorted(tuple(item.image.shape[1:3]) for item in items) == [(48, 80), (64, 64)]
+        for item in items:
+            height, width = item.image.shape[1:3]
+            assert torch.equal(item.sigmas, schedule(4, height * width // 256)), (name, height, width)
+
+
 def test_preview_refuses_per_image_schedules_with_another_step_count(comfy, klein_reference_folders):
     g = Graph()
     loader = load_klein(g)
     scheduled = g.node("DOPSDScheduleFlux2PerImage", training_set=reference_teacher(
-        g, loader, dataset(g, klein_reference_folders[0])), training_sigmas=loader.out(4))
+        g, loader, dataset(g, klein_reference_folders[0])), training_sigmas=loader.out(4), schedule=PUBLISHED_SCHEDULE)
     three_steps = g.node("Flux2Scheduler", steps=3, width=64, height=64)
     preview = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=scheduled,
                      sigmas=three_steps, pair_index=0, prompt_variant=0, seed=0)

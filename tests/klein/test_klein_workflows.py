@@ -24,7 +24,7 @@ TINY_SETTINGS = {
     "DOPSDLoadModel": {"text_encoder_type": TEXT_ENCODER_TYPE_0_3_75},
     "DOPSDDatasetFromFolder": {"megapixels": TINY_MEGAPIXELS, "bucket_multiple": 16},
     "DOPSDTrain": {"steps": 2, "rank": 4, "alpha": 8.0, "learning_rate": 1e-3, "checkpoint_every": 2,
-                   "preview_every": 1},
+                   "preview_every": 1, "gradient_accumulation": 1},
     "Flux2Scheduler": {"width": 64, "height": 64},
     "EmptyFlux2LatentImage": {"width": 64, "height": 64},
     "ImageScaleToTotalPixels": {"megapixels": IMAGE_SCALE_MIN_MEGAPIXELS},

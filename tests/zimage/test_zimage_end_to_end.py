@@ -10,6 +10,7 @@ import torch
 
 from tests.harness.graph import Graph
 from tests.harness.comfy_runtime import pack_module
+from tests.klein.klein_probe import sample_with_noise
 from tests.zimage.zimage_graphs import fine_tune_then_generate, load_family, train, training_set
 
 LORA_NAME = "dopsd/e2e_fox"
@@ -27,7 +28,19 @@ def sample(comfy, model, prompt: str = "a photo of sks fox") -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def workflow_run(comfy, concept_folder):
+def untrained(comfy):
+    """The loader's MODEL and its 8-step sample before anything has trained on it."""
+    g = Graph()
+    loader = load_family(g)
+    g.node("PreviewAny", source=loader.out(4))
+    run = comfy.run(g.to_api())
+    assert run.success, run.error or run.node_errors
+    model = run.output(loader.node_id)[0]
+    return model, sample(comfy, model)
+
+
+@pytest.fixture(scope="module")
+def workflow_run(comfy, concept_folder, untrained):
     graph, ids = fine_tune_then_generate(concept_folder, LORA_NAME)
     run = comfy.run(graph)
     assert run.success, run.error or run.node_errors
@@ -43,7 +56,15 @@ def test_workflow_graph_trains_saves_and_generates(workflow_run, comfy_base):
     assert metadata["dopsd.base_model"] == "z_image_turbo_bf16.safetensors"
     assert metadata["dopsd.steps"] == "3" and metadata["dopsd.rank"] == "4"
     assert metadata["dopsd.training_sigmas"] == "[1.0, 0.9, 0.75, 0.5, 0.0]"
-    assert any(k.endswith("layers.0.attention.qkv.lora_down.weight") for k in keys)
+    assert metadata["dopsd.rollout_schedule"] == "published (authors')"
+    assert metadata["dopsd.lora_init"] == "gaussian" and metadata["dopsd.lora_targets_choice"] == "published"
+    assert metadata["dopsd.gradient_accumulation"] == "1"
+    # q, k and v of every fused qkv get their own LoRA, under the diffusers names ComfyUI maps onto the slices.
+    for block in ("layers.0", "noise_refiner.1", "context_refiner.0"):
+        for part in ("to_q", "to_k", "to_v", "out", "feed_forward.w2"):
+            name = part if part.startswith("feed") else f"attention.{part}"
+            assert f"diffusion_model.{block}.{name}.lora_down.weight" in keys, (block, name)
+    assert not any(".qkv." in k for k in keys)
     assert all(k.startswith("diffusion_model.") for k in keys)
 
     [first_item, *_] = run.output(ids["pairs"])[0]
@@ -73,10 +94,31 @@ def test_stock_lora_loader_reproduces_the_trained_model(workflow_run, comfy):
     assert (trained - base).abs().max() > 1e-4, "the LoRA has no effect"
 
 
-def test_input_model_is_unchanged_by_training_cancel_and_failure(workflow_run, comfy, concept_folder):
+def test_saved_lora_reproduces_the_students_rollout_at_the_end_of_training(workflow_run, comfy):
+    """The file against the trained adapters themselves (separate q/k/v in float32 during training), not against
+    another application of the same file: the training preview is the student's roll-out on the training schedule
+    from noise seed 0."""
     run, ids = workflow_run
     base_model = run.output(ids["loader"])[0]
-    before = sample(comfy, base_model)
+    previews = run.output(ids["train"])[3]["samples"]
+    item = run.output(ids["pairs"])[0][0]
+    stock = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(base_model, f"{LORA_NAME}.safetensors", 1.0)[0]
+    schedule = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0])
+    positive, shape = item.pairs[0].student, tuple(item.latent.shape)
+    student = previews[-1:]
+    stock_rollout = sample_with_noise(stock, positive, schedule, shape, seed=0)
+    base_rollout = sample_with_noise(base_model, positive, schedule, shape, seed=0)
+    difference = (stock_rollout - student).abs().max().item()
+    base_difference = (base_rollout - student).abs().max().item()
+    assert difference < 0.05 * base_difference, (difference, base_difference)
+
+
+def test_input_model_is_unchanged_by_training_success_cancel_and_failure(untrained, workflow_run, comfy,
+                                                                         concept_folder):
+    base_model, before = untrained
+    run, ids = workflow_run
+    assert run.output(ids["loader"])[0] is base_model, "the workflow trained the MODEL sampled before it"
+    assert torch.equal(sample(comfy, base_model), before), "a successful run changed the input MODEL"
 
     g = Graph()
     loader = load_family(g)
@@ -91,7 +133,8 @@ def test_input_model_is_unchanged_by_training_cancel_and_failure(workflow_run, c
 
     g = Graph()
     loader = load_family(g)
-    failing = train(g, loader, training_set(g, loader, concept_folder), lora_targets=r"no_such_layer\.\d+")
+    failing = train(g, loader, training_set(g, loader, concept_folder), lora_targets="custom regex",
+                    custom_lora_targets=r"no_such_layer\.\d+")
     g.node("LossGraphNode", loss=failing.out(2), filename_prefix="failing")
     failed_run = comfy.run(g.to_api())
     assert not failed_run.success and "lora_targets" in failed_run.error["exception_message"]

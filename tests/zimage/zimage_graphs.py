@@ -7,14 +7,16 @@ from tests.harness.graph import Graph, NodeRef
 TINY_MEGAPIXELS = 64 * 64 / 1_000_000
 TRAIN_DEFAULTS = dict(
     objective="D-OPSD", steps=3, learning_rate=1e-3, rank=4, alpha=8.0, ema_decay=0.9999, loss_space="x0",
-    gradient_accumulation=1, warmup_steps=0, seed=0, lora_targets="auto", gradient_checkpointing=True,
+    gradient_accumulation=1, warmup_steps=0, seed=0, lora_targets="published", custom_lora_targets="",
+    lora_init="gaussian", gradient_checkpointing=True,
     checkpoint_every=0, checkpoint_folder="dopsd/checkpoints/test", resume=False, preview_every=0,
 )
 
 
 def load_family(g: Graph) -> NodeRef:
     return g.node("DOPSDLoadModel", family="Z-Image-Turbo", diffusion_model="z_image_turbo_bf16.safetensors",
-                  text_encoder="qwen_3_4b.safetensors", text_encoder_type="from preset", vae="ae.safetensors")
+                  text_encoder="qwen_3_4b.safetensors", text_encoder_type="from preset", vae="ae.safetensors",
+                  training_schedule="published (authors')")
 
 
 def training_set(g: Graph, loader: NodeRef, folder: str, vision: str = MATCHING_VISION_FILE.split("/", 1)[1]) -> NodeRef:
