@@ -1,9 +1,10 @@
 """Cost model of one D-OPSD optimizer step for the real models, from their architectures' dimensions.
 
-Arithmetic only (no torch, no weights): FLOPs of one step, projected seconds per step and hours per
-2000-step run on one H100 at a stated utilisation, and the GPU memory a run needs with bf16 weights,
-rank-64 LoRA and gradient checkpointing; then which knob (K, resolution, rank, checkpointing,
-conditioning caching) moves time and memory most.
+Arithmetic only (no torch, no weights): FLOPs of one optimizer step with the authors' effective batch
+(gradient accumulation 4, 8 for klein edit tuning: their batch 1 on each of 4 or 8 GPUs), projected seconds
+per step and hours per run (2000 steps Z-Image, 3000 klein) on one H100 at a stated utilisation, and the GPU
+memory a run needs with bf16 weights, rank-64 LoRA and gradient checkpointing; then which knob (K,
+accumulation, resolution, rank, checkpointing, conditioning caching) moves time and memory most.
 
 Architectures (as ComfyUI builds them):
 - Z-Image-Turbo: NextDiT, dim 3840, 30 heads of 128, 30 joint layers + 2 noise-refiner layers (image
@@ -12,8 +13,9 @@ Architectures (as ComfyUI builds them):
 - FLUX.2-klein 4B: hidden 3072, 24 heads, 5 double-stream + 20 single-stream blocks, SwiGLU MLP ratio 3,
   128-channel latent at /16 (1024 px -> 4096 image tokens), text features 7680 wide (3 x 2560), 512 text
   tokens. klein 9B: hidden 4096, 32 heads, 8 double + 24 single blocks, text features 12288 wide.
-- LoRA targets: the pack's defaults (attention q/k/v/out and feed-forward of every block; FLUX.2 also the
-  text stream), both adapters (student trained, teacher EMA) kept in float32.
+- LoRA targets: the published recipe, q, k and v as three adapters. Z-Image: attention q/k/v/out and
+  feed-forward of every block; klein: the double blocks' attention projections only (both streams). Both
+  adapters (student trained, teacher EMA) kept in float32.
 
 What one D-OPSD step is (batch 1, K roll-out steps): K x [teacher forward (no grad, teacher context) +
 student forward + student backward (+ one recomputed student forward with gradient checkpointing)].
@@ -32,18 +34,18 @@ from dataclasses import dataclass, replace
 
 GB = 1e9
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM, bf16 tensor cores, dense
-RUN_STEPS = 2000
 BF16 = 2
 LORA_BYTES_PER_PARAM = 4 * 5  # float32 student + its gradient + AdamW m and v + float32 EMA teacher
 
 
 @dataclass(frozen=True)
 class Block:
-    """``count`` identical transformer blocks. ``linears``: (in, out, stream, LoRA-adapted) with stream
-    "img", "txt" or "all" (the joint sequence). ``attention``: the stream attention runs over."""
+    """``count`` identical transformer blocks. ``linears``: (in, out, stream, adapters) with stream "img",
+    "txt" or "all" (the joint sequence) and the number of LoRA adapters on the layer's output slices (0: not
+    adapted; 3: a fused qkv with q, k and v adapted separately). ``attention``: the stream attention runs over."""
 
     count: int
-    linears: tuple[tuple[int, int, str, bool], ...]
+    linears: tuple[tuple[int, int, str, int], ...]
     attention: str
     width: int  # attention width (heads x head_dim)
 
@@ -58,6 +60,7 @@ class Arch:
     text_tokens_student: int
     text_tokens_teacher: int
     teacher_reference_images: int  # FLUX.2 editing-branch teacher: target image as reference latents
+    student_reference_images: int  # FLUX.2 edit tuning: the source image as a reference latent
     encoder_params: float  # text encoder (+ vision tower) parameters, resident unless conditioning is cached
 
     @property
@@ -66,13 +69,17 @@ class Arch:
         return linear + sum(i * o for i, o, _ in self.embedders) + self.other_params
 
     def lora_params(self, rank: int) -> float:
-        return sum(b.count * sum(rank * (i + o) for i, o, _, lora in b.linears if lora) for b in self.blocks)
+        return sum(b.count * sum(lora_size(i, o, adapters, rank) for i, o, _, adapters in b.linears) for b in self.blocks)
+
+
+def lora_size(in_features: int, out_features: int, adapters: int, rank: int) -> int:
+    """Parameters of ``adapters`` rank-``rank`` LoRAs, each on an equal slice of the layer's outputs."""
+    return adapters * rank * in_features + rank * out_features if adapters else 0
 
 
 def zimage_turbo() -> Arch:
     d, f = 3840, 10240
-    layer = ((d, 3 * d, "all", True), (d, d, "all", True), (d, f, "all", True), (d, f, "all", True),
-             (f, d, "all", True))
+    layer = ((d, 3 * d, "all", 3), (d, d, "all", 1), (d, f, "all", 1), (d, f, "all", 1), (f, d, "all", 1))
 
     def on(stream):
         return tuple((i, o, stream, lora) for i, o, _, lora in layer)
@@ -88,18 +95,19 @@ def zimage_turbo() -> Arch:
         text_tokens_student=128,
         text_tokens_teacher=704,
         teacher_reference_images=0,
+        student_reference_images=0,
         encoder_params=4.02e9 + 0.41e9,  # Qwen3-4B + the Qwen3-VL-4B vision tower
     )
 
 
 def flux2_klein(hidden: int, double: int, single: int, context: int, name: str, encoder_params: float) -> Arch:
     h, m = hidden, 3 * hidden
-    stream = lambda s: ((h, 3 * h, s, True), (h, h, s, True), (h, 2 * m, s, True), (m, h, s, True))  # noqa: E731
+    stream = lambda s: ((h, 3 * h, s, 3), (h, h, s, 1), (h, 2 * m, s, 0), (m, h, s, 0))  # noqa: E731
     return Arch(
         name=name,
         blocks=(
             Block(double, stream("img") + stream("txt"), "all", h),
-            Block(single, ((h, 3 * h + 2 * m, "all", True), (h + m, h, "all", True)), "all", h),
+            Block(single, ((h, 3 * h + 2 * m, "all", 0), (h + m, h, "all", 0)), "all", h),
         ),
         embedders=((128, h, "img"), (context, h, "txt"), (h, 128, "img")),
         other_params=2 * 6 * h * h + 3 * h * h + 60e6,  # global modulation, time embedder, final layer
@@ -107,8 +115,14 @@ def flux2_klein(hidden: int, double: int, single: int, context: int, name: str, 
         text_tokens_student=512,
         text_tokens_teacher=512,  # the prompt + the keep-identity instruction, padded to 512
         teacher_reference_images=1,
+        student_reference_images=0,
         encoder_params=encoder_params,
     )
+
+
+def edit_tuning(arch: Arch) -> Arch:
+    """klein edit tuning with one source: the student sees it as a reference, the teacher the source and target."""
+    return replace(arch, name=f"{arch.name} edit", student_reference_images=1, teacher_reference_images=2)
 
 
 ARCHS = {
@@ -116,11 +130,16 @@ ARCHS = {
     "klein4b": flux2_klein(3072, 5, 20, 7680, "FLUX.2-klein 4B", 4.02e9),
     "klein9b": flux2_klein(4096, 8, 24, 12288, "FLUX.2-klein 9B", 8.19e9),
 }
+ARCHS["klein4b_edit"] = edit_tuning(ARCHS["klein4b"])
+# The published runs: (architecture, K, gradient accumulation, optimizer steps).
+RUNS = (("zimage", 4, 4, 2000), ("zimage", 8, 4, 2000), ("klein4b", 4, 4, 3000), ("klein4b_edit", 4, 8, 3000),
+        ("klein9b", 4, 4, 3000))
 
 
 @dataclass(frozen=True)
 class Knobs:
     k: int = 4
+    accumulation: int = 4
     resolution: int = 1024
     rank: int = 64
     checkpointing: bool = True
@@ -134,6 +153,7 @@ def tokens(arch: Arch, knobs: Knobs, teacher: bool) -> dict[str, int]:
         image *= 1 + arch.teacher_reference_images
         text = arch.text_tokens_teacher
     else:
+        image *= 1 + arch.student_reference_images
         text = arch.text_tokens_student
     return {"img": image, "txt": text, "all": image + text}
 
@@ -144,10 +164,9 @@ def forward_flops(arch: Arch, knobs: Knobs, teacher: bool) -> tuple[float, float
     linear = sum(2 * n[s] * i * o for i, o, s in arch.embedders)
     lora = attention = 0.0
     for block in arch.blocks:
-        for i, o, s, adapted in block.linears:
+        for i, o, s, adapters in block.linears:
             linear += block.count * 2 * n[s] * i * o
-            if adapted:
-                lora += block.count * 2 * n[s] * knobs.rank * (i + o)
+            lora += block.count * 2 * n[s] * lora_size(i, o, adapters, knobs.rank)
         attention += block.count * 4 * n[block.attention] ** 2 * block.width
     return linear, lora, attention
 
@@ -162,7 +181,7 @@ def step_flops(arch: Arch, knobs: Knobs) -> dict[str, float]:
         "student backward": s_lin + 2 * s_lora + 2.5 * s_att,
         "recomputation (checkpointing)": student_forward if knobs.checkpointing else 0.0,
     }
-    per_step = {name: knobs.k * value for name, value in parts.items()}
+    per_step = {name: knobs.accumulation * knobs.k * value for name, value in parts.items()}
     if not knobs.cache_conditioning:
         # Re-encode the student prompt and the teacher context every optimizer step (2 FLOPs/param/token).
         per_step["conditioning encoders"] = 2 * arch.encoder_params * (arch.text_tokens_student + arch.text_tokens_teacher)
@@ -173,8 +192,8 @@ def activation_bytes_per_block(block: Block, n: dict[str, int], rank: int) -> fl
     """bf16 tensors one block keeps for backward: every linear's input (and LoRA's rank-wide hidden), the
     attention's q, k, v, output, and ~6 token-wide tensors of norms, modulation, gating and residuals."""
     saved = 0.0
-    for i, o, s, adapted in block.linears:
-        saved += n[s] * (i + (rank if adapted else 0))
+    for i, o, s, adapters in block.linears:
+        saved += n[s] * (i + rank * adapters)
         if o > 2 * block.width:  # gated feed-forward: the two halves and their product
             saved += n[s] * o
     saved += n[block.attention] * (4 * block.width + 6 * block.width)
@@ -208,20 +227,20 @@ def seconds_per_step(arch: Arch, knobs: Knobs) -> float:
 
 def summary_rows(utilisation: float):
     rows = []
-    for key, ks in (("zimage", (4, 8)), ("klein4b", (4,)), ("klein9b", (4,))):
-        arch = ARCHS[key]
-        for k in ks:
-            knobs = Knobs(k=k, utilisation=utilisation)
-            flops = sum(step_flops(arch, knobs).values())
-            seconds = seconds_per_step(arch, knobs)
-            rows.append((arch, k, flops, seconds, sum(memory(arch, knobs).values())))
+    for key, k, accumulation, steps in RUNS:
+        arch, knobs = ARCHS[key], Knobs(k=k, accumulation=accumulation, utilisation=utilisation)
+        flops = sum(step_flops(arch, knobs).values())
+        seconds = seconds_per_step(arch, knobs)
+        rows.append((arch, knobs, steps, flops, seconds, sum(memory(arch, knobs).values())))
     return rows
 
 
+ZIMAGE_RUN_STEPS = 2000
 KNOBS = [
-    ("baseline (K=4, 1024 px, rank 64, ckpt, cached)", {}),
+    ("baseline (K=4, accumulation 4, 1024 px, rank 64)", {}),
     ("K = 8", {"k": 8}),
     ("K = 2", {"k": 2}),
+    ("accumulation 1 (one roll-out per step)", {"accumulation": 1}),
     ("resolution 768 px", {"resolution": 768}),
     ("resolution 1536 px", {"resolution": 1536}),
     ("rank 16", {"rank": 16}),
@@ -237,21 +256,23 @@ def main(argv=None) -> None:
                         help="fraction of the H100's 989 TFLOP/s bf16 dense peak reached (default 0.4)")
     args = parser.parse_args(argv)
     u = args.utilisation
-    print(f"Cost model: one D-OPSD optimizer step, batch 1, 1024x1024, bf16 weights, LoRA rank 64, gradient "
+    print(f"Cost model: one D-OPSD optimizer step of the published recipe (gradient accumulation = the authors' GPU "
+          f"count, batch 1 each), 1024x1024, bf16 weights, LoRA rank 64 on the published targets, gradient "
           f"checkpointing, conditioning encoded once; one H100 SXM at {100 * u:.0f}% of 989 TFLOP/s bf16")
-    print(f"{'model':18s} {'params':>7s} {'K':>2s} {'TFLOP/step':>11s} {'s/step':>7s} {'h/2000 steps':>13s} "
-          f"{'memory GB':>10s}")
-    for arch, k, flops, seconds, mem in summary_rows(u):
-        print(f"{arch.name:18s} {arch.params / 1e9:6.2f}B {k:2d} {flops / 1e12:11.0f} {seconds:7.2f} "
-              f"{seconds * RUN_STEPS / 3600:13.2f} {mem / GB:10.1f}")
-    print("  Plain SFT on the same model costs one student forward+backward(+recompute) per step: "
+    print(f"{'model':21s} {'params':>7s} {'LoRA':>6s} {'K':>2s} {'acc':>3s} {'TFLOP/step':>11s} {'s/step':>7s} "
+          f"{'steps':>6s} {'h/run':>6s} {'memory GB':>10s}")
+    for arch, knobs, steps, flops, seconds, mem in summary_rows(u):
+        print(f"{arch.name:21s} {arch.params / 1e9:6.2f}B {arch.lora_params(knobs.rank) / 1e6:5.1f}M {knobs.k:2d} "
+              f"{knobs.accumulation:3d} {flops / 1e12:11.0f} {seconds:7.2f} {steps:6d} {seconds * steps / 3600:6.2f} "
+              f"{mem / GB:10.1f}")
+    print("  Plain SFT at the same batch of 4 costs one student forward+backward(+recompute) per image, per step: "
           + ", ".join(f"{ARCHS[key].name} {sft_seconds(ARCHS[key], Knobs(utilisation=u)):.2f} s"
-                      for key in ARCHS) + ".")
+                      for key in ("zimage", "klein4b", "klein9b")) + ".")
     zimage = ARCHS["zimage"]
     base = Knobs(utilisation=u)
     parts = step_flops(zimage, base)
     total = sum(parts.values())
-    print(f"  Where a Z-Image K=4 step's FLOPs go: "
+    print(f"  Where a Z-Image K=4 roll-out's FLOPs go: "
           + ", ".join(f"{name} {100 * value / total:.0f}%" for name, value in parts.items()))
     mem = memory(zimage, base)
     print(f"  Z-Image memory, GB: " + ", ".join(f"{name} {value / GB:.1f}" for name, value in mem.items())
@@ -263,15 +284,17 @@ def main(argv=None) -> None:
     for label, change in KNOBS:
         knobs = replace(base, **change)
         s, m = seconds_per_step(zimage, knobs), sum(memory(zimage, knobs).values())
-        print(f"{label:48s} {s:7.2f} {s / base_s:7.2f} {s * RUN_STEPS / 3600:7.2f} {m / GB:10.1f} {m / base_m:9.2f}")
-    print("  Memory does not depend on K here: each roll-out step is back-propagated at once and its graph freed. "
-          "A single backward over all K steps (the reference code) would keep K steps' activations.")
+        print(f"{label:48s} {s:7.2f} {s / base_s:7.2f} {s * ZIMAGE_RUN_STEPS / 3600:7.2f} {m / GB:10.1f} "
+              f"{m / base_m:9.2f}")
+    print("  Memory depends on neither K nor accumulation here: each roll-out step is back-propagated at once and its "
+          "graph freed, and accumulated gradients add into one buffer. A single backward over all K steps (the "
+          "reference code) would keep K steps' activations.")
 
 
 def sft_seconds(arch: Arch, knobs: Knobs) -> float:
     s_lin, s_lora, s_att = forward_flops(arch, knobs, teacher=False)
     forward = s_lin + s_lora + s_att
-    flops = forward + (s_lin + 2 * s_lora + 2.5 * s_att) + (forward if knobs.checkpointing else 0.0)
+    flops = knobs.accumulation * (forward + (s_lin + 2 * s_lora + 2.5 * s_att) + (forward if knobs.checkpointing else 0.0))
     return flops / (H100_BF16_DENSE_FLOPS * knobs.utilisation)
 
 
