@@ -3,7 +3,7 @@
 Nothing here imports ComfyUI; the node layer adapts ComfyUI objects to these building blocks.
 """
 
-from .adapters import ROLES, AdapterState, DualLora, LoraSpec, find_target_modules
+from .adapters import ROLES, AdapterState, DualLora, LoraSpec, find_target_modules, lora_tensors
 from .autograd_safety import allow_inplace_residuals
 from .checkpoints import Checkpoint, latest_checkpoint, load_adapter_state, load_checkpoint, save_adapter_state
 from .gradient_checkpointing import gradient_checkpointing
@@ -28,6 +28,7 @@ __all__ = [
     "DualLora",
     "LoraSpec",
     "find_target_modules",
+    "lora_tensors",
     "allow_inplace_residuals",
     "Checkpoint",
     "latest_checkpoint",

@@ -53,6 +53,20 @@ class LoraSpec:
     output_slices: Mapping[str, Sequence[int]] = field(default_factory=dict)
 
 
+def lora_tensors(state: AdapterState, keys: Mapping[str, str] = {}, dtype: torch.dtype | None = None
+                 ) -> dict[str, Tensor]:
+    """``state`` in the LoRA file layout ComfyUI (and kohya) read: ``<key>.lora_down.weight``,
+    ``<key>.lora_up.weight`` and ``<key>.alpha`` per adapted module, ``<key>`` from ``keys`` or else
+    the module's name; on the CPU, contiguous, in ``dtype`` (default: as stored)."""
+    tensors = {}
+    for name, entry in state.items():
+        key = keys.get(name, name)
+        tensors[f"{key}.lora_down.weight"] = entry["down"].detach().to("cpu", dtype).contiguous()
+        tensors[f"{key}.lora_up.weight"] = entry["up"].detach().to("cpu", dtype).contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(entry["alpha"]))
+    return tensors
+
+
 def find_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
     """Qualified names of the linear layers of ``model`` that ``target_modules`` selects."""
 
@@ -154,11 +168,7 @@ class DualLora:
         self.active_role: Role = "student"
         for layer in self._layers:
             layer.set_adapter("student")
-        # peft's set_adapter makes the active adapter trainable and the other frozen; roles are fixed here.
-        for p in self._params["student"]:
-            p.requires_grad_(True)
-        for p in self._params["teacher"]:
-            p.requires_grad_(False)
+        self._pin_trainable_role()
         # Training switches roles twice per roll-out step. peft's set_adapter also re-flags requires_grad on
         # every adapter parameter (undone right after, as above), ~20 us per layer; what a LoRA layer's forward
         # reads is only its active-adapter list, so a switch sets just that when peft keeps it where we expect.
@@ -185,11 +195,15 @@ class DualLora:
         else:
             for layer in self._layers:
                 layer.set_adapter(role)
-            for p in self._params["student"]:
-                p.requires_grad_(True)
-            for p in self._params["teacher"]:
-                p.requires_grad_(False)
+            self._pin_trainable_role()
         self.active_role = role
+
+    def _pin_trainable_role(self) -> None:
+        # peft's set_adapter makes the active adapter trainable and the other frozen; here the roles are fixed.
+        for p in self._params["student"]:
+            p.requires_grad_(True)
+        for p in self._params["teacher"]:
+            p.requires_grad_(False)
 
     @contextmanager
     def use(self, role: Role) -> Iterator[None]:

@@ -21,6 +21,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from .forward_wrappers import wrapped_forwards
+
 
 def _normalize_a_copy(_module: nn.Module, args: tuple):
     if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad and torch.is_grad_enabled():
@@ -46,19 +48,10 @@ def allow_inplace_residuals(blocks: Iterable[nn.Module], norm_types: tuple[type[
     Enter it before gradient checkpointing wraps the blocks, so the copies are made inside the checkpointed
     function. Everything is restored on exit, also after an error.
     """
+    blocks = list(blocks)
     with ExitStack() as stack:
-        for block in blocks:
-            own_forward = block.__dict__.get("forward")
-            block.forward = functools.partial(_on_copies, block.forward)
-            stack.callback(_restore_forward, block, own_forward)
-            for norm in block.modules():
-                if isinstance(norm, norm_types):
-                    stack.callback(norm.register_forward_pre_hook(_normalize_a_copy).remove)
+        stack.enter_context(wrapped_forwards(blocks, lambda forward: functools.partial(_on_copies, forward)))
+        for norm in (module for block in blocks for module in block.modules()):
+            if isinstance(norm, norm_types):
+                stack.callback(norm.register_forward_pre_hook(_normalize_a_copy).remove)
         yield
-
-
-def _restore_forward(module: nn.Module, own_forward) -> None:
-    if own_forward is None:
-        del module.forward
-    else:
-        module.forward = own_forward

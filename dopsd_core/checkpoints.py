@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters import AdapterState
+from .adapters import AdapterState, lora_tensors
 
 STUDENT_FILE = "student.safetensors"
 TEACHER_FILE = "teacher.safetensors"
@@ -38,12 +38,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_adapter_state(state: AdapterState, path: str | os.PathLike) -> None:
-    tensors = {}
-    for name, entry in state.items():
-        tensors[f"{name}.lora_down.weight"] = entry["down"].detach().contiguous().cpu()
-        tensors[f"{name}.lora_up.weight"] = entry["up"].detach().contiguous().cpu()
-        tensors[f"{name}.alpha"] = torch.tensor(float(entry["alpha"]))
-    save_file(tensors, os.fspath(path))
+    save_file(lora_tensors(state), os.fspath(path))
 
 
 def load_adapter_state(path: str | os.PathLike) -> AdapterState:

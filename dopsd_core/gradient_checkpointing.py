@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .forward_wrappers import wrapped_forwards
+
 
 @contextmanager
 def gradient_checkpointing(modules: Iterable[nn.Module]) -> Iterator[None]:
@@ -15,16 +17,5 @@ def gradient_checkpointing(modules: Iterable[nn.Module]) -> Iterator[None]:
     Wraps the instance's ``forward`` (so subclasses' custom forwards and hooks still run) and
     restores it on exit, also after an error.
     """
-    patched = []
-    try:
-        for module in modules:
-            own_forward = module.__dict__.get("forward")
-            module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
-            patched.append((module, own_forward))
+    with wrapped_forwards(modules, lambda forward: functools.partial(checkpoint, forward, use_reentrant=False)):
         yield
-    finally:
-        for module, own_forward in reversed(patched):
-            if own_forward is None:
-                del module.forward
-            else:
-                module.forward = own_forward

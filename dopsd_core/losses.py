@@ -10,6 +10,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
+from .rollout import velocity
+
 LossSpace = Literal["x0", "velocity"]
 LOSS_SPACES: tuple[LossSpace, ...] = ("x0", "velocity")
 
@@ -22,7 +24,7 @@ def x0_loss(student_x0: Tensor, teacher_x0: Tensor) -> Tensor:
 def velocity_loss(student_x0: Tensor, teacher_x0: Tensor, x: Tensor, sigma: Tensor | float) -> Tensor:
     """Mean squared error between the velocities ``(x - x0) / sigma`` the predictions imply."""
     x = x.float()
-    return F.mse_loss((x - student_x0.float()) / sigma, (x - teacher_x0.float()) / sigma)
+    return F.mse_loss(velocity(x, student_x0.float(), sigma), velocity(x, teacher_x0.float(), sigma))
 
 
 def distillation_loss(
@@ -45,4 +47,4 @@ def flow_matching_loss(
 
     ``sigma`` must be positive and broadcast against ``x`` (e.g. shape ``[B, 1, 1, 1]``).
     """
-    return F.mse_loss((x.float() - predicted_x0.float()) / sigma, noise.float() - x0.float())
+    return F.mse_loss(velocity(x.float(), predicted_x0.float(), sigma), noise.float() - x0.float())

@@ -25,10 +25,14 @@ def noise_latent(x0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:
     return (1 - sigma) * x0 + sigma * noise
 
 
+def velocity(x: Tensor, x0: Tensor, sigma: Tensor | float) -> Tensor:
+    """The velocity ``(x - x0) / sigma`` an x0 prediction implies at ``(x, sigma)`` (k-diffusion's ``to_d``)."""
+    return (x - x0) / sigma
+
+
 def euler_step(x: Tensor, x0: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
     """One Euler step of the probability-flow ODE, given the model's x0 at ``(x, sigma)``."""
-    velocity = (x - x0) / sigma
-    return x + velocity * (sigma_next - sigma)
+    return x + velocity(x, x0, sigma) * (sigma_next - sigma)
 
 
 def rollout(predict_x0: Predictor, noise: Tensor, sigmas: Tensor) -> Tensor:

@@ -2,16 +2,16 @@
 
 One D-OPSD optimization step with K = len(sigmas) - 1 roll-out steps and A accumulation
 micro-steps: each micro-step draws an item, one of its prompt variants and fresh noise, starts
-at ``x_0 = sigmas[0] * noise`` and for k = 0 .. K-1
+at the state ``s_0 = sigmas[0] * noise`` and for k = 0 .. K-1
 
-    teacher_x0 = D(x_k, sigma_k, teacher_cond)   with the teacher adapter, no grad
-    student_x0 = D(x_k, sigma_k, student_cond)   with the student adapter
+    teacher_x0 = D(s_k, sigma_k, teacher_cond)   with the teacher adapter, no grad
+    student_x0 = D(s_k, sigma_k, student_cond)   with the student adapter
     loss_k     = MSE(student_x0, teacher_x0)     (x0 space, or velocity space)
     backward(loss_k / (K A))
-    x_{k+1}    = euler_step(x_k, student_x0.detach(), sigma_k, sigma_{k+1})
+    s_{k+1}    = euler_step(s_k, student_x0.detach(), sigma_k, sigma_{k+1})
 
 then clips the gradient norm, takes an AdamW step and moves the teacher toward the student by
-EMA. Every x_k is detached, so backpropagating each loss_k at once gives the gradient of the mean
+EMA. (x0 is always a clean-latent prediction; the noisy states are s_k.) Every s_k is detached, so backpropagating each loss_k at once gives the gradient of the mean
 loss (what the reference computes with one backward over all K graphs) while only one step's
 activations are alive.
 """
@@ -74,7 +74,7 @@ class TrainingItem:
 
     @property
     def batched_shape(self) -> tuple[int, ...]:
-        return (1, *self.latent_shape) if len(self.latent_shape) == 3 else tuple(self.latent_shape)
+        return with_batch_dim(self.latent_shape)
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ class Trainer:
             for index, item in enumerate(items):
                 if item.target_latent is None:
                     raise ValueError(f"SFT needs a target_latent for every item; item {index} has none")
-                if _batched(item.target_latent).shape != item.batched_shape:
+                if with_batch_dim(item.target_latent.shape) != item.batched_shape:
                     raise ValueError(
                         f"item {index}: target_latent shape {tuple(item.target_latent.shape)} "
                         f"does not fit latent_shape {tuple(item.latent_shape)}"
@@ -314,7 +314,7 @@ class Trainer:
 
     def _sft_micro_step(self, should_cancel: Callable[[], bool]) -> Tensor:
         item, pair = self._draw_example()
-        x0 = _batched(item.target_latent).to(self.device, torch.float32)
+        x0 = item.target_latent.reshape(item.batched_shape).to(self.device, torch.float32)
         noise = self._draw_noise(x0.shape)
         sigma = self._draw_sft_sigma(x0.shape[0]).to(self.device)
         x = noise_latent(x0, noise, append_dims(sigma, x0.ndim))
@@ -376,8 +376,9 @@ def _never() -> bool:
     return False
 
 
-def _batched(latent: Tensor) -> Tensor:
-    return latent[None] if latent.ndim == 3 else latent
+def with_batch_dim(shape: Sequence[int]) -> tuple[int, ...]:
+    """A latent's shape with a batch dimension: ``(C, H, W)`` becomes ``(1, C, H, W)``."""
+    return (1, *shape) if len(shape) == 3 else tuple(shape)
 
 
 @contextmanager
