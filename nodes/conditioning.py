@@ -77,7 +77,7 @@ class DOPSDTeacherContextVLM(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="Z-Image's Qwen3 text encoder (qwen_3_4b)."),
                 io.Vae.Input("vae", tooltip="Encodes the target images (latent sizes, and the SFT target)."),
-                DATASET.Input("dataset"),
+                DATASET.Input("dataset", tooltip="Image–text pairs from a dataset node (not edit triples)."),
                 io.Combo.Input("vision_weights", options=folder_paths.get_filename_list(VISION_FOLDER),
                                tooltip="Qwen3-VL-4B-Instruct vision weights (models/clip_vision): the whole "
                                        "checkpoint file holding 'model.visual.*', or the vision part alone."),

@@ -226,8 +226,11 @@ class DOPSDDatasetFromImages(io.ComfyNode):
                 "shared by all images)."
             ),
             inputs=[
-                io.Image.Input("images"),
-                io.String.Input("captions", multiline=True, default="a photo of [trigger]"),
+                io.Image.Input("images", tooltip="The training images, as a batch (e.g. from Load Image nodes joined "
+                                                 "with Batch Images)."),
+                io.String.Input("captions", multiline=True, default="a photo of [trigger]",
+                                tooltip="Prompt variants, one per line, shared by every image; the placeholder "
+                                        "marks where the trigger word goes."),
                 *caption_and_bucket_inputs(),
             ],
             outputs=[DATASET.Output(display_name="dataset")],

@@ -47,7 +47,7 @@ class DOPSDScheduleFlux2PerImage(io.ComfyNode):
                 "the preview roll each image out on its own schedule."
             ),
             inputs=[
-                TRAINING_SET.Input("training_set"),
+                TRAINING_SET.Input("training_set", tooltip="From a FLUX.2-klein teacher-context node."),
                 io.Sigmas.Input("training_sigmas",
                                 tooltip="The schedule given to D-OPSD Train (the loader's training_sigmas): only its "
                                         "number of steps is used."),

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from comfy_api.latest import io
 
-from ..dopsd_core import find_target_modules
+from ..dopsd_core import AdapterState, find_target_modules, lora_tensors
 from .errors import node_error
 from .user_paths import resolve_inside
 
@@ -32,18 +32,12 @@ class TrainedLora(dict):
         self.metadata = metadata
 
 
-def comfy_lora_tensors(adapter_state: dict[str, dict], dtype: torch.dtype = torch.float32,
-                       keys: Mapping[str, str] = {}) -> dict[str, torch.Tensor]:
-    """{module: {"down", "up", "alpha"}} of the diffusion model -> ComfyUI LoRA tensors `<key>.lora_down.weight`,
-    `<key>.lora_up.weight`, `<key>.alpha` (what comfy.lora loads), with `<key>` from `keys` (output slices) or else
-    `diffusion_model.<module>`."""
-    tensors = {}
-    for module, weights in adapter_state.items():
-        key = keys.get(module, DIFFUSION_MODEL_PREFIX + module)
-        tensors[f"{key}.lora_down.weight"] = weights["down"].detach().to("cpu", dtype).contiguous()
-        tensors[f"{key}.lora_up.weight"] = weights["up"].detach().to("cpu", dtype).contiguous()
-        tensors[f"{key}.alpha"] = torch.tensor(float(weights["alpha"]))
-    return tensors
+def comfy_lora_tensors(adapter_state: AdapterState, dtype: torch.dtype, slice_keys: Mapping[str, str]
+                       ) -> dict[str, torch.Tensor]:
+    """The diffusion model's adapters as the tensors of a ComfyUI LoRA file: output slices under their keys from
+    `output_slice_layout`, every other module under `diffusion_model.<module>` (what comfy.lora maps)."""
+    keys = {module: slice_keys.get(module, DIFFUSION_MODEL_PREFIX + module) for module in adapter_state}
+    return lora_tensors(adapter_state, keys, dtype)
 
 
 def output_slice_layout(base_model, target_modules: str) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -141,11 +135,13 @@ class DOPSDSaveLoRA(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The base model the LoRA was trained on (not the trained output)."),
-                io.LoraModel.Input("lora"),
+                io.LoraModel.Input("lora", tooltip="The lora output of Train LoRA with D-OPSD (or any LORA_MODEL)."),
                 io.String.Input("lora_name", default="dopsd/my_concept",
                                 tooltip="File name inside models/loras; '.safetensors' is added."),
                 io.Boolean.Input("overwrite", default=True, tooltip="Replace an existing file of that name."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="How strongly the saved LoRA is applied to the MODEL output (the file is "
+                                       "saved at full strength either way)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the saved LoRA applied."),

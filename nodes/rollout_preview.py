@@ -28,15 +28,16 @@ class DOPSDRolloutPreview(io.ComfyNode):
                 "image of the student (left), the teacher (middle) and the target (right)."
             ),
             inputs=[
-                io.Model.Input("model"),
-                io.Vae.Input("vae"),
-                TRAINING_SET.Input("training_set"),
+                io.Model.Input("model", tooltip="The model you will train (the same MODEL as Train's input)."),
+                io.Vae.Input("vae", tooltip="The MODEL's own VAE: decodes the panels."),
+                TRAINING_SET.Input("training_set", tooltip="The training set Train gets."),
                 io.Sigmas.Input("sigmas", tooltip="The training schedule to preview. An image with its own schedule "
                                                   "(Training Schedule per Image Size) is previewed on that one, as "
                                                   "D-OPSD Train rolls it out."),
                 io.Int.Input("pair_index", default=0, min=0, max=100_000, tooltip="Which image of the set."),
                 io.Int.Input("prompt_variant", default=0, min=0, max=1_000, tooltip="Which of its prompt variants."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="The roll-out's starting noise; change it to see another trajectory."),
             ],
             outputs=[
                 io.Image.Output(display_name="student_teacher_target", tooltip="One image per roll-out step."),

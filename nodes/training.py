@@ -78,27 +78,37 @@ class DOPSDTrain(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The step-distilled model. It is left unchanged."),
-                TRAINING_SET.Input("training_set"),
+                TRAINING_SET.Input("training_set", tooltip="From a teacher-context node (klein: through Training "
+                                                           "Schedule per Image Size)."),
                 io.Sigmas.Input("training_sigmas", tooltip="The roll-out schedule; must end at 0."),
-                io.Combo.Input("objective", options=list(OBJECTIVES), default="D-OPSD"),
+                io.Combo.Input("objective", options=list(OBJECTIVES), default="D-OPSD",
+                               tooltip="D-OPSD keeps few-step quality. SFT is plain fine-tuning on noised targets, "
+                                       "for comparison: it learns the concept but blurs at few steps."),
                 io.Int.Input("steps", default=recipe.steps, min=1, max=1_000_000,
                              tooltip="Optimizer steps in total (also when resuming). Authors: 2000 for Z-Image, 3000 for "
                                      "klein."),
                 io.Float.Input("learning_rate", default=recipe.learning_rate, min=0.0, max=1.0, step=1e-6,
                                round=False, tooltip="AdamW. Authors: 1e-4 for Z-Image, 2e-5 for klein 4B and 9B (concept "
                                                     "and edit tuning)."),
-                io.Int.Input("rank", default=spec.rank, min=1, max=1024),
-                io.Float.Input("alpha", default=spec.alpha, min=0.0, max=4096.0, step=1.0),
+                io.Int.Input("rank", default=spec.rank, min=1, max=1024,
+                             tooltip="LoRA rank (authors: 64). Lower: a smaller file and fewer details learned."),
+                io.Float.Input("alpha", default=spec.alpha, min=0.0, max=4096.0, step=1.0,
+                               tooltip="LoRA scale numerator: updates are scaled by alpha / rank (authors: 128, twice "
+                                       "the rank). Change it together with rank."),
                 io.Combo.Input("lora_init", options=list(LORA_INITS), default="gaussian",
                                tooltip="How the LoRA's down-projection starts (up starts at 0 either way). Authors: "
                                        "gaussian, N(0, 1/rank²); peft's Kaiming default gives smaller early updates."),
                 io.Float.Input("ema_decay", default=defaults.ema_decay, min=0.0, max=1.0, step=1e-5, round=False,
                                tooltip="The teacher adapter follows the student as an EMA with this decay."),
-                io.Combo.Input("loss_space", options=["x0", "velocity"], default=defaults.loss_space),
+                io.Combo.Input("loss_space", options=["x0", "velocity"], default=defaults.loss_space,
+                               tooltip="x0 (authors): MSE between student and teacher clean-image predictions. "
+                                       "velocity: the paper's form, the same loss weighted by 1/sigma² (more weight "
+                                       "on the late, low-noise steps)."),
                 io.Int.Input("gradient_accumulation", default=recipe.gradient_accumulation, min=1, max=1024,
                              tooltip="Roll-outs averaged per optimizer step. The authors trained with one roll-out on "
                                      "each of 4 GPUs (8 for klein edit tuning): 4 (8) here gives their batch."),
-                io.Int.Input("warmup_steps", default=defaults.warmup_steps, min=0, max=100_000),
+                io.Int.Input("warmup_steps", default=defaults.warmup_steps, min=0, max=100_000,
+                             tooltip="The learning rate rises linearly over this many steps (authors: 0, constant)."),
                 io.Int.Input("seed", default=defaults.seed, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Fixed, so queueing again reuses the trained result instead of retraining."),
                 io.Combo.Input("lora_targets", options=list(LORA_TARGET_CHOICES), default=LORA_TARGET_CHOICES[0],
@@ -109,7 +119,9 @@ class DOPSDTrain(io.ComfyNode):
                 io.String.Input("custom_lora_targets", default="",
                                 tooltip="With lora_targets 'custom regex': a regex matching whole module names of the "
                                         "diffusion model, e.g. 'layers\\.\\d+\\.attention\\.(qkv|out)'."),
-                io.Boolean.Input("gradient_checkpointing", default=True),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute block activations during backward: about 2.4x less memory for "
+                                         "about 30% more time. Turn off only with memory to spare."),
                 io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000,
                              tooltip="Save a resumable checkpoint every N steps (0: off)."),
                 io.String.Input("checkpoint_folder", default="dopsd/checkpoints/my_concept",
