@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from dopsd_core import DualLora, append_dims, noise_latent, rollout, x0_loss
+from dopsd_core import DualLora, append_dims, noise_latent, x0_loss
 
 LORA_TARGETS = r"blocks\.\d+\.(q|k|v|out|ff_in|ff_out)"
 
@@ -103,19 +103,19 @@ def role_predictor(model: nn.Module, adapters: DualLora, role: str, cond: ToyCon
 
 
 def reference_dopsd_backward(model, adapters, student_cond, teacher_cond, noise, sigmas) -> Tensor:
-    """The authors' formulation: keep every roll-out step's student graph, average the K losses,
-    one backward. Returns the per-step losses."""
+    """The authors' formulation, written out here rather than through the pack's roll-out: an Euler walk from
+    ``sigmas[0] * noise`` driven by the student's x0, each state detached (no gradient through time), every
+    step's student graph kept, the K x0 losses averaged, one backward. Returns the per-step losses."""
     losses = []
-
-    def keep_graph(x: Tensor, sigma: Tensor) -> Tensor:
-        with torch.no_grad(), adapters.use("teacher"):
-            teacher_x0 = model(x, sigma, teacher_cond)
-        student_x0 = model(x, sigma, student_cond)
-        losses.append(x0_loss(student_x0, teacher_x0))
-        return student_x0
-
+    x = sigmas[0] * noise
     with adapters.use("student"):
-        rollout(keep_graph, noise, sigmas)
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            sigma_batch = sigma.expand(x.shape[0])
+            with torch.no_grad(), adapters.use("teacher"):
+                teacher_x0 = model(x, sigma_batch, teacher_cond)
+            student_x0 = model(x, sigma_batch, student_cond)
+            losses.append((student_x0 - teacher_x0).square().mean())
+            x = (x + (x - student_x0) / sigma * (sigma_next - sigma)).detach()
     torch.stack(losses).mean().backward()
     return torch.stack(losses).detach()
 

@@ -154,8 +154,10 @@ def make_trainer(seed: int = 0, **config) -> Trainer:
     torch.manual_seed(0)
     model = ToyDiT()
     adapters = DualLora(model, SPEC)
-    items = [TrainingItem([toy_pair(1)[0], toy_pair(2)[0]], (4, 8, 8)), TrainingItem([toy_pair(3)[0]], (1, 4, 8, 8))]
-    return Trainer(model, adapters, items, SIGMAS, TrainConfig(seed=seed, learning_rate=1e-3, **config))
+    target = toy_pair(4)[1]  # SFT's clean latent; D-OPSD ignores it
+    items = [TrainingItem([toy_pair(1)[0], toy_pair(2)[0]], (4, 8, 8), target_latent=target[0]),
+             TrainingItem([toy_pair(3)[0]], (1, 4, 8, 8), target_latent=target)]
+    return Trainer(model, adapters, items, SIGMAS, TrainConfig(**{"seed": seed, "learning_rate": 1e-3, **config}))
 
 
 def test_training_is_deterministic_under_the_seed():
@@ -246,8 +248,66 @@ def test_invalid_setups_are_refused():
         TrainConfig(checkpoint_every=10)
     trainer = make_trainer()
     with pytest.raises(ValueError, match="target_latent"):
-        Trainer(trainer.denoiser, trainer.adapters, trainer.items, SIGMAS, TrainConfig(objective="sft"))
+        Trainer(trainer.denoiser, trainer.adapters, [TrainingItem(trainer.items[0].variants, (4, 8, 8))], SIGMAS,
+                TrainConfig(objective="sft"))
     with pytest.raises(ValueError, match="end at exactly 0"):
         Trainer(trainer.denoiser, trainer.adapters, trainer.items, [1.0, 0.5])
     with pytest.raises(ValueError, match="prompt variant"):
         Trainer(trainer.denoiser, trainer.adapters, [TrainingItem([], (4, 8, 8))], SIGMAS)
+
+
+def test_teacher_is_an_ema_of_the_student_after_each_optimizer_step():
+    """Checked against an EMA computed here from the student after every step, with a decay at which the teacher
+    moves visibly (0.9999 would look frozen) and that is not symmetric (0.5 would hide a swapped update)."""
+    decay = 0.7
+    trainer = make_trainer(ema_decay=decay, learning_rate=1e-2)
+    expected = trainer.adapters.teacher_state()
+    initial = trainer.adapters.teacher_state()
+
+    def follow_student(report):
+        student = trainer.adapters.student_state()
+        for name, entry in expected.items():
+            for key in ("down", "up"):
+                entry[key] = decay * entry[key] + (1 - decay) * student[name][key]
+
+    trainer.train(3, on_step=follow_student)
+    teacher, student = trainer.adapters.teacher_state(), trainer.adapters.student_state()
+    for name in expected:
+        for key in ("down", "up"):
+            torch.testing.assert_close(teacher[name][key], expected[name][key], atol=1e-7, rtol=1e-6)
+    moved = max((teacher[n]["up"] - initial[n]["up"]).abs().max() for n in teacher)
+    lag = max((teacher[n]["up"] - student[n]["up"]).abs().max() for n in teacher)
+    assert moved > 1e-3 and lag > 1e-3, "the teacher must have moved, and still trail the student"
+
+
+@pytest.mark.parametrize("objective", ["dopsd", "sft"])
+def test_accumulated_gradient_is_the_mean_of_separate_micro_step_gradients(objective):
+    """A micro-steps with accumulation A against A single micro-steps with the same draws, averaged here. Adam is
+    invariant to the gradient's scale, so only the gradient itself shows a wrong accumulation scale."""
+    settings = {"objective": objective, "grad_clip": 0.0}
+    accumulated = make_trainer(gradient_accumulation=3, **settings)
+    separate = make_trainer(gradient_accumulation=1, **settings)
+    for _ in range(3):
+        accumulated.accumulate_gradients()
+    mean = None
+    for _ in range(3):
+        separate.accumulate_gradients()
+        single = gradients(separate.adapters)
+        mean = single if mean is None else [m + g for m, g in zip(mean, single)]
+        separate.optimizer.zero_grad(set_to_none=True)
+    mean = [m / 3 for m in mean]
+    assert max(g.abs().max() for g in mean) > 1e-4, "the comparison needs a real gradient"
+    for ours, reference in zip(gradients(accumulated.adapters), mean):
+        torch.testing.assert_close(ours, reference, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_mixed_precision_is_the_dtype_the_models_layers_compute_in(precision, dtype):
+    trainer = make_trainer(mixed_precision=precision)
+    seen = []
+    handle = trainer.denoiser.blocks[0].ff_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        trainer.train(1)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {dtype}

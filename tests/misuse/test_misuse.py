@@ -5,7 +5,8 @@
 - Editing the dataset folder between runs (captions or images): training re-runs.
 - Saving onto a full disk or into a read-only folder: a clear node error, nothing partial under the final name,
   an earlier file of that name untouched. (Root mounts a size-limited / read-only tmpfs; without root the
-  read-only case uses file permissions and the full-disk case is skipped.)
+  read-only case uses file permissions and the full-disk case is skipped — under CI=true, where the machine can
+  create both conditions, a case that cannot fails instead of vanishing.)
 - LoRA names that would leave models/loras, and dataset folders outside ComfyUI's input folder, are refused
   unless the user explicitly allows the latter.
 """
@@ -151,7 +152,7 @@ def unwritable_folder(folder, kind: str, earlier_name: str, earlier: bytes):
     folder.mkdir(parents=True, exist_ok=True)
     if not IS_ROOT:
         if kind == "full":
-            pytest.skip("simulating a full disk needs root (it mounts a size-limited tmpfs)")
+            skip_or_fail_in_ci("simulating a full disk needs root (it mounts a size-limited tmpfs)")
         (folder / earlier_name).parent.mkdir(parents=True, exist_ok=True)
         (folder / earlier_name).write_bytes(earlier)
         folder.chmod(0o555)
@@ -164,7 +165,7 @@ def unwritable_folder(folder, kind: str, earlier_name: str, earlier: bytes):
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(folder)], check=True,
                        capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as err:
-        pytest.skip(f"cannot mount a tmpfs here: {getattr(err, 'stderr', err)}")
+        skip_or_fail_in_ci(f"cannot mount a tmpfs here: {getattr(err, 'stderr', err)}")
     try:
         (folder / earlier_name).parent.mkdir(parents=True, exist_ok=True)
         (folder / earlier_name).write_bytes(earlier)
@@ -176,6 +177,13 @@ def unwritable_folder(folder, kind: str, earlier_name: str, earlier: bytes):
         yield
     finally:
         subprocess.run(["umount", str(folder)], check=True)
+
+
+def skip_or_fail_in_ci(reason: str) -> None:
+    """Skip where the machine cannot create the condition; under CI, which can, that is a failure, not a skip."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must be able to run this case: {reason}")
+    pytest.skip(reason)
 
 
 @pytest.mark.parametrize("kind, reason", [("full", "No space left on device"), ("readonly", "")])
