@@ -1,14 +1,18 @@
 """API-format graphs of the FLUX.2-klein pipelines (concept LoRA, edit tuning) on the tiny models.
 
-ComfyUI 0.3.75 has no FLUX.2-klein text encoder (CLIPType FLUX2 arrived in the 0.4x line), so the loader is
-given text_encoder_type "lumina2": 0.3.75 loads the tiny Qwen3 file as its one Qwen3 encoder, whose feature
-width the tiny FLUX.2 DiT is built for (tests/fixtures/tiny_models.py). Users keep "from preset".
+On ComfyUI 0.3.75, which has no FLUX.2-klein text encoder (CLIPType FLUX2 arrived in the 0.4x line), the loader is
+given text_encoder_type "lumina2": 0.3.75 loads the tiny Qwen3 file as its one Qwen3 encoder, whose feature width
+the tiny FLUX.2 DiT is built for there (tests/fixtures/tiny_models.py). On 0.33 the tests keep "from preset", as
+users do.
 """
 from __future__ import annotations
 
 from tests.harness.graph import Graph, NodeRef
+from tests.harness.paths import comfy_version
 
-TEXT_ENCODER_TYPE_0_3_75 = "lumina2"
+# 0.3.75 has no klein text encoder: its one Qwen3 encoder ("lumina2") reads the tiny file, and the tiny FLUX.2 DiT is
+# built for its width. 0.33 runs klein natively: "from preset" (CLIPType FLUX2, layers 9/18/27), as users do.
+TEXT_ENCODER_TYPE_0_3_75 = "lumina2" if comfy_version() == "0.3.75" else "from preset"
 TINY_MEGAPIXELS = 64 * 64 / 1_000_000
 IMAGE_SCALE_MIN_MEGAPIXELS = 0.01  # ImageScaleToTotalPixels' minimum: about 102x102 px
 TRAIN_DEFAULTS = dict(

@@ -1,8 +1,8 @@
 """The shipped FLUX.2-klein workflow files run as the web UI would queue them (tests/foundation checks they are current).
 
-Only sizes change for the tiny models (TINY_SETTINGS), plus one thing specific to ComfyUI 0.3.75: it has no
+Only sizes change for the tiny models (TINY_SETTINGS), plus, on ComfyUI 0.3.75 only, the text encoder: 0.3.75 has no
 FLUX.2-klein text encoder (CLIPType FLUX2), so the loader's text_encoder_type "from preset" becomes "lumina2"
-(0.3.75's one Qwen3 encoder, which the tiny FLUX.2 DiT is built for).
+(0.3.75's one Qwen3 encoder, which the tiny FLUX.2 DiT is built for there). 0.33 keeps "from preset".
 """
 from __future__ import annotations
 
