@@ -4,7 +4,7 @@ Nothing here imports ComfyUI; the node layer adapts ComfyUI objects to these bui
 """
 
 from .adapters import ROLES, AdapterState, DualLora, LoraSpec, find_target_modules, lora_tensors
-from .autograd_safety import allow_inplace_residuals
+from .autograd_safety import allow_inplace_residuals, make_weights_autograd_safe
 from .checkpoints import Checkpoint, latest_checkpoint, load_adapter_state, load_checkpoint, save_adapter_state
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, distillation_loss, flow_matching_loss, velocity_loss, x0_loss
@@ -30,6 +30,7 @@ __all__ = [
     "find_target_modules",
     "lora_tensors",
     "allow_inplace_residuals",
+    "make_weights_autograd_safe",
     "Checkpoint",
     "latest_checkpoint",
     "load_adapter_state",

@@ -8,6 +8,8 @@ by an inplace operation") in two places:
 * LayerNorm saves its input for backward, and the in-place add then changes it;
 * gradient checkpointing saves each block's inputs for the recomputation, and the block then changes them.
 
+And weights loaded under ``torch.inference_mode`` cannot be saved for backward at all (``make_weights_autograd_safe``).
+
 While training, each block therefore works on copies of the tensors it is given, and each LayerNorm inside a
 block normalizes a copy of its input. Values are unchanged; the cost is one copy of the residual stream per
 block call and per norm call, of which only the norms' copies are kept for backward (in place of the input
@@ -55,3 +57,21 @@ def allow_inplace_residuals(blocks: Iterable[nn.Module], norm_types: tuple[type[
             if isinstance(norm, norm_types):
                 stack.callback(norm.register_forward_pre_hook(_normalize_a_copy).remove)
         yield
+
+
+def make_weights_autograd_safe(module: nn.Module) -> None:
+    """Replace inference-mode tensors among `module`'s parameters and buffers by ordinary copies of equal value.
+
+    Inference code (ComfyUI's loaders among it) may load models inside torch.inference_mode, and autograd refuses to
+    save such tensors for backward.
+    Copies are made one tensor at a time, so memory grows by one tensor, not one model.
+    """
+    with torch.inference_mode(False):
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_inference():
+                owner_name, _, attr = name.rpartition(".")
+                owner = module.get_submodule(owner_name)
+                copy = tensor.clone()
+                if isinstance(tensor, nn.Parameter):
+                    copy = nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                setattr(owner, attr, copy)

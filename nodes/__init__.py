@@ -1,11 +1,11 @@
 """The D-OPSD node set. Each module is one concern; each node translates ComfyUI objects into dopsd_core calls."""
-from .conditioning import DOPSDTeacherContextVLM
 from .dataset import DOPSDDatasetFromFolder, DOPSDDatasetFromImages
 from .item_schedules import DOPSDScheduleFlux2PerImage
 from .loading import DOPSDLoadModel
 from .lora_io import DOPSDSaveLoRA
 from .rollout_preview import DOPSDRolloutPreview
 from .teacher_reference import DOPSDTeacherContextEdit, DOPSDTeacherContextReference
+from .teacher_vlm import DOPSDTeacherContextVLM
 from .training import DOPSDTrain
 
 NODES = [

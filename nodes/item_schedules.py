@@ -10,7 +10,7 @@ import dataclasses
 from comfy_api.latest import io
 
 from ..dopsd_core import flux2_image_tokens, flux2_klein_sigmas, flux2_klein_training_sigmas, validate_sigmas
-from .conditioning import TRAINING_SET, EncodedItem
+from .training_set import TRAINING_SET, EncodedItem
 from .errors import node_error
 from .families import PUBLISHED_SCHEDULE, SAMPLING_SCHEDULE
 

@@ -12,6 +12,7 @@ from .errors import node_error
 from .families import CUSTOM, DEFAULT_IMAGE_TOKENS, FAMILIES, PUBLISHED_SCHEDULE, ROLLOUT_SCHEDULES, ZIMAGE_TURBO, rollout_schedule
 
 PRESET_TEXT_ENCODER = "from preset"
+BASE_MODEL_NAME_OPTION = "dopsd_base_model"  # the MODEL's file name, recorded in the trained LoRA's header
 # Custom models: the model's own schedule, at the steps few-step models are usually run with.
 CUSTOM_INFERENCE_STEPS = 8
 CUSTOM_TRAINING_STEPS = 4
@@ -83,7 +84,7 @@ class DOPSDLoadModel(io.ComfyNode):
         clip_type = clip_type_for(type_name, cls.__name__)
 
         model = comfy.sd.load_diffusion_model(folder_paths.get_full_path_or_raise("diffusion_models", diffusion_model))
-        model.model_options["dopsd_base_model"] = diffusion_model  # recorded in the trained LoRA's metadata
+        model.model_options[BASE_MODEL_NAME_OPTION] = diffusion_model
         clip = comfy.sd.load_clip(
             ckpt_paths=[folder_paths.get_full_path_or_raise("text_encoders", text_encoder)],
             embedding_directory=folder_paths.get_folder_paths("embeddings"),

@@ -151,20 +151,3 @@ def training_memory_estimate(model, latent_shape) -> int:
     activations_margin = 3
     memory_required, _ = comfy.sampler_helpers.estimate_memory(model, list(latent_shape), {})
     return int(memory_required * activations_margin)
-
-
-def make_weights_autograd_safe(module: torch.nn.Module) -> None:
-    """Replace inference-mode tensors among `module`'s parameters and buffers by ordinary copies of equal value.
-
-    ComfyUI loads models inside torch.inference_mode, and autograd refuses to save such tensors for backward.
-    Copies are made one tensor at a time, so memory grows by one tensor, not one model.
-    """
-    with torch.inference_mode(False):
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            if tensor.is_inference():
-                owner_name, _, attr = name.rpartition(".")
-                owner = module.get_submodule(owner_name)
-                copy = tensor.clone()
-                if isinstance(tensor, torch.nn.Parameter):
-                    copy = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
-                setattr(owner, attr, copy)

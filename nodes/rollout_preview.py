@@ -10,7 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from ..dopsd_core import rollout_preview, validate_sigmas
-from .conditioning import TRAINING_SET
+from .training_set import TRAINING_SET
 from .errors import node_error
 from .item_schedules import require_matching_step_count
 from .model_bridge import explain_unreadable_conditioning, model_session, require_flow_model, require_latents_of

@@ -14,7 +14,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .comfy_compat import with_reference_latents
-from .conditioning import TRAINING_SET, EncodedItem, EncodedPair, encode_image, encode_prompt
+from .training_set import TRAINING_SET, EncodedItem, EncodedPair, encode_image, encode_prompt
 from .dataset import DATASET, DatasetItem
 from .errors import node_error
 

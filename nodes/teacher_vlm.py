@@ -1,4 +1,4 @@
-"""The Z-Image VLM teacher: Qwen3-VL whose language model is Z-Image's own Qwen3 text encoder.
+"""The Z-Image VLM teacher: Qwen3-VL whose language model is Z-Image's own Qwen3 text encoder, and its node.
 
 Z-Image conditions on Qwen3-4B hidden states. Qwen3-VL-4B's language model has the same architecture, so
 giving it Z-Image's encoder weights (wherever names and shapes match) and keeping Qwen3-VL's vision tower
@@ -8,15 +8,25 @@ tokenizer ComfyUI bundles, and the vision weights come from a file in the user's
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import comfy.model_management
+import comfy.text_encoders.z_image
+import folder_paths
 import numpy as np
 import safetensors
 import torch
+from comfy_api.latest import io
 from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLModel
+
+from .dataset import DATASET
+from .errors import node_error
+from .training_set import TRAINING_SET, EncodedItem, EncodedPair, encode_image, encode_prompt
 
 ARCHITECTURE = json.loads((Path(__file__).parent / "configs" / "qwen3_vl_4b_instruct.json").read_text())
 # Qwen3-VL's chat template for one user turn [image, text], generation prompt appended, no system prompt.
@@ -160,3 +170,82 @@ def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Ten
     """What transformers 5's Qwen3-VL processor returns beside input_ids: per token 0 for text, 1 for an image token
     (ProcessorMixin.create_mm_token_type_ids). The multimodal RoPE positions are computed from it."""
     return (input_ids == image_token_id).to(torch.int32)
+
+
+MAX_STUDENT_TOKENS = 512  # Z-Image reads at most 512 prompt tokens
+VISION_FOLDER = "clip_vision"
+
+
+def truncate_tokens(conditioning: list, max_tokens: int) -> list:
+    """Keep at most max_tokens feature tokens (and the matching attention-mask entries)."""
+    truncated = []
+    for features, extras in conditioning:
+        extras = dict(extras)
+        if "attention_mask" in extras:
+            extras["attention_mask"] = extras["attention_mask"][:, :max_tokens]
+        truncated.append([features[:, :max_tokens], extras])
+    return truncated
+
+
+class DOPSDTeacherContextVLM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDTeacherContextVLM",
+            display_name="Teacher Context: VLM (D-OPSD, Z-Image)",
+            category="D-OPSD",
+            description=(
+                "Z-Image-Turbo teacher context. Builds Qwen3-VL from the loaded Qwen3 text encoder (language model) "
+                "and Qwen3-VL-4B-Instruct vision weights, and encodes every image + prompt variant once. The student "
+                "side is the plain text encoding. The VLM is freed afterwards."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="Z-Image's Qwen3 text encoder (qwen_3_4b)."),
+                io.Vae.Input("vae", tooltip="Encodes the target images (latent sizes, and the SFT target)."),
+                DATASET.Input("dataset", tooltip="Image–text pairs from a dataset node (not edit triples)."),
+                io.Combo.Input("vision_weights", options=folder_paths.get_filename_list(VISION_FOLDER),
+                               tooltip="Qwen3-VL-4B-Instruct vision weights (models/clip_vision): the whole "
+                                       "checkpoint file holding 'model.visual.*', or the vision part alone."),
+            ],
+            outputs=[TRAINING_SET.Output(display_name="training_set")],
+        )
+
+    @classmethod
+    def execute(cls, clip, vae, dataset, vision_weights) -> io.NodeOutput:
+        vision_path = folder_paths.get_full_path(VISION_FOLDER, vision_weights) if vision_weights else None
+        if vision_path is None:
+            raise node_error(cls, f"no vision weights file '{vision_weights}' in models/{VISION_FOLDER}",
+                             "put the Qwen3-VL-4B-Instruct vision weights there (see the README) and pick them")
+        device = comfy.model_management.text_encoder_device()
+        clip_state = clip.get_sd()
+        dtype = next(iter(clip_state.values())).dtype
+        # The VLM holds a copy of the text encoder's language model plus a vision tower about a tenth its size;
+        # asking for twice the text encoder's size leaves room for it and for its activations.
+        comfy.model_management.free_memory(sum(t.numel() * t.element_size() for t in clip_state.values()) * 2, device)
+        tokenizer_dir = os.path.join(os.path.dirname(comfy.text_encoders.z_image.__file__), "qwen25_tokenizer")
+        try:
+            teacher = VLMTeacherEncoder.build(clip_state, vision_path, tokenizer_dir, device, dtype)
+        except VisionWeightsError as err:
+            raise node_error(cls, f"{vision_weights}: {err}", "pick the vision weights of Qwen3-VL-4B-Instruct") from err
+        try:
+            items = [
+                EncodedItem(
+                    name=item.name,
+                    image=item.image,
+                    latent=encode_image(vae, item.image),
+                    pairs=tuple(
+                        EncodedPair(
+                            prompt=prompt,
+                            student=truncate_tokens(encode_prompt(clip, prompt), MAX_STUDENT_TOKENS),
+                            teacher=[[teacher.encode(item.image[0], prompt).cpu(), {}]],
+                        )
+                        for prompt in item.prompts
+                    ),
+                )
+                for item in dataset
+            ]
+        finally:
+            del teacher
+            gc.collect()
+            comfy.model_management.soft_empty_cache()
+        return io.NodeOutput(items)

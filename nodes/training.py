@@ -25,11 +25,12 @@ from ..dopsd_core import (
     TrainingPair,
     allow_inplace_residuals,
     flux2_image_tokens,
+    make_weights_autograd_safe,
     latest_checkpoint,
     rollout,
     validate_sigmas,
 )
-from .conditioning import TRAINING_SET, EncodedItem
+from .training_set import TRAINING_SET, EncodedItem
 from .errors import node_error
 from .families import (
     CUSTOM_TARGETS,
@@ -41,11 +42,11 @@ from .families import (
     transformer_blocks,
 )
 from .item_schedules import require_matching_step_count
+from .loading import BASE_MODEL_NAME_OPTION
 from .lora_io import TrainedLora, apply_lora, comfy_lora_tensors, output_slice_layout
 from .model_bridge import (
     ModelSession,
     explain_unreadable_conditioning,
-    make_weights_autograd_safe,
     model_session,
     require_flow_model,
     require_latents_of,
@@ -59,7 +60,7 @@ PREVIEW_SEED = 0
 
 
 def base_model_name(model) -> str:
-    return model.model_options.get("dopsd_base_model") or f"{type(model.model.model_config).__name__} (stock loader)"
+    return model.model_options.get(BASE_MODEL_NAME_OPTION) or f"{type(model.model.model_config).__name__} (stock loader)"
 
 
 class DOPSDTrain(io.ComfyNode):

@@ -77,8 +77,7 @@ def test_training_asks_model_management_for_its_memory(comfy, concept_folder, mo
 
 
 def test_vlm_teacher_is_freed_after_encoding(comfy, concept_folder, monkeypatch):
-    conditioning = pack_module("nodes.conditioning")
-    encoder_class = conditioning.VLMTeacherEncoder
+    encoder_class = pack_module("nodes.teacher_vlm").VLMTeacherEncoder
     real_build = encoder_class.build.__func__
     built = []
 
