@@ -171,6 +171,9 @@ def run(mutation: Mutation, snapshot: Path, python: str, timeout: int) -> tuple[
             return "CAUGHT", time.perf_counter() - start, f"tests timed out after {timeout} s"
         lines = [line for line in done.stdout.splitlines() if line.strip()]
         summary = lines[-1] if lines else done.stderr.strip().splitlines()[-1:]
+        first_error = next((line[1:].strip() for line in lines if line.startswith("E ")), "")
+        if first_error:
+            summary = f"{summary}; first error: {first_error[:150]}"
         verdict = "SURVIVED" if done.returncode == 0 else "CAUGHT"
         if done.returncode in (2, 3, 4):  # interrupted, internal error, usage error: not a test verdict
             verdict = "ERROR"

@@ -135,8 +135,9 @@ class ComfyPage:
 
     # -- what the user sees ---------------------------------------------------------------------------------------
     def dialogs(self) -> list[str]:
-        """Texts of the open dialogs (missing nodes, missing models, error reports, the template browser)."""
-        return self.js("return [...document.querySelectorAll('.p-dialog')]"
+        """Texts of the open dialogs (missing nodes, missing models, error reports, the template browser), and of
+        the error overlay frontend 1.49 shows for missing nodes instead of a dialog."""
+        return self.js("return [...document.querySelectorAll('.p-dialog, [data-testid=error-overlay]')]"
                        ".filter(d => d.offsetParent !== null).map(d => d.innerText)")
 
     def toasts(self, severities=("error", "warn")) -> list[str]:
