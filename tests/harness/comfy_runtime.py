@@ -69,6 +69,8 @@ class GraphRun:
     def output(self, node_id: str) -> list:
         """The Python values a node returned (from the executor's output cache)."""
         cached = self.runtime.executor.caches.outputs.get(str(node_id))
+        if inspect.isawaitable(cached):  # ComfyUI 0.33's caches are async
+            cached = asyncio.run(cached)
         if cached is None:
             raise KeyError(f"node {node_id} has no cached output")
         values = cached.outputs if hasattr(cached, "outputs") else cached
