@@ -75,7 +75,9 @@ MUTATIONS = (
              ".model_lora_keys_unet(model.model, {})), 1.0)\n"),),
         (f"{ZIMAGE_E2E}::test_input_model_is_unchanged_by_training_success_cancel_and_failure",)),
     Mutation("alpha_written_as_rank", "the saved LoRA's alpha is its rank: half strength at alpha 2 x rank", (
-        Edit("nodes/lora_io.py", 'torch.tensor(float(weights["alpha"]))', 'torch.tensor(float(weights["down"].shape[0]))'),),
+        Edit("nodes/lora_io.py", "    return lora_tensors(adapter_state, keys, dtype)",
+             "    return lora_tensors({m: {**e, 'alpha': e['down'].shape[0]} for m, e in adapter_state.items()}, keys, "
+             "dtype)"),),
         (f"{ZIMAGE_E2E}::test_saved_lora_reproduces_the_students_rollout_at_the_end_of_training",)),
     Mutation("teacher_exported", "the LoRA file holds the EMA teacher instead of the student", (
         Edit("nodes/training.py", "comfy_lora_tensors(adapters.student_state(), ", "comfy_lora_tensors(adapters.teacher_state(), "),),
