@@ -23,6 +23,8 @@ TRAIN_DEFAULTS = dict(
 )
 GENERATION_STEPS = 4
 PUBLISHED_SCHEDULE = "published (authors')"
+CONCEPT_INSTRUCTION = "Keep the subject consistent with the reference image."
+EDIT_INSTRUCTION = "The last reference image is the expected result."
 
 
 def load_klein(g: Graph, text_encoder_type: str = TEXT_ENCODER_TYPE_0_3_75) -> NodeRef:
@@ -38,12 +40,12 @@ def dataset(g: Graph, folder: str, trigger_word: str = "sks") -> NodeRef:
 
 def reference_teacher(g: Graph, loader: NodeRef, data: NodeRef, **inputs) -> NodeRef:
     return g.node("DOPSDTeacherContextReference", clip=loader.out(1), vae=loader.out(2), dataset=data,
-                  **{"instruction": "Keep the subject consistent with the reference image.", **inputs})
+                  **{"instruction": CONCEPT_INSTRUCTION, **inputs})
 
 
 def edit_teacher(g: Graph, loader: NodeRef, data: NodeRef, **inputs) -> NodeRef:
     return g.node("DOPSDTeacherContextEdit", clip=loader.out(1), vae=loader.out(2), dataset=data,
-                  **{"instruction": "The last reference image is the expected result.", **inputs})
+                  **{"instruction": EDIT_INSTRUCTION, **inputs})
 
 
 def per_image_schedule(g: Graph, loader: NodeRef, pairs: NodeRef, schedule: str = PUBLISHED_SCHEDULE) -> NodeRef:

@@ -10,6 +10,7 @@ import torch
 
 from tests.harness.graph import Graph
 from tests.klein.klein_graphs import (
+    CONCEPT_INSTRUCTION,
     GENERATION_STEPS,
     concept_fine_tune_then_generate,
     dataset,
@@ -78,7 +79,7 @@ def test_teacher_conditioning_is_the_prompt_plus_instruction_with_the_target_as_
     loader_outputs = outputs["loader"]
     clip = loader_outputs[1]
     reference_latent = comfy.node_class("ReferenceLatent")
-    instruction = "Keep the subject consistent with the reference image."
+    instruction = CONCEPT_INSTRUCTION
     for item in outputs["pairs"][0]:
         assert item.latent.shape == (1, 128, item.image.shape[1] // 16, item.image.shape[2] // 16)
         for pair in item.pairs:

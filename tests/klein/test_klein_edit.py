@@ -8,7 +8,7 @@ import safetensors
 import torch
 
 from tests.harness.graph import Graph
-from tests.klein.klein_graphs import dataset, edit_fine_tune_then_generate, edit_teacher, load_klein
+from tests.klein.klein_graphs import EDIT_INSTRUCTION, dataset, edit_fine_tune_then_generate, edit_teacher, load_klein
 from tests.klein.klein_probe import predict_x0, relative_change, sample_with_noise
 
 LORA_NAME = "dopsd/e2e_klein_edit"
@@ -36,7 +36,7 @@ def test_edit_workflow_trains_saves_and_generates_from_a_source_image(edit_run, 
 
 def test_student_sees_the_sources_and_the_teacher_also_the_target_as_last_reference(edit_run, comfy):
     run, outputs = edit_run
-    vae = outputs["loader"][2]
+    clip, vae = outputs["loader"][1], outputs["loader"][2]
     items = outputs["pairs"][0]
     assert [item.name for item in items] == ["target_0.png", "target_1.png"]
     for index, item in enumerate(items):
@@ -49,7 +49,11 @@ def test_student_sees_the_sources_and_the_teacher_also_the_target_as_last_refere
             torch.testing.assert_close(student["reference_latents"][0], source_latent, atol=1e-5, rtol=0)
             assert torch.equal(teacher["reference_latents"][0], student["reference_latents"][0])
             assert torch.equal(teacher["reference_latents"][1], item.latent), "the target must be the LAST reference"
-            assert pair.teacher[0][0].shape[1] > pair.student[0][0].shape[1], "the teacher's instruction is appended"
+            # The text parts: exactly CLIPTextEncode of the instruction (student) and of instruction + " " + the
+            # teacher's note (teacher).
+            encode = lambda text: comfy.nodes.CLIPTextEncode().encode(clip, text)[0][0][0]  # noqa: E731
+            assert torch.equal(pair.student[0][0], encode(pair.prompt))
+            assert torch.equal(pair.teacher[0][0], encode(f"{pair.prompt} {EDIT_INSTRUCTION}"))
 
 
 def test_the_teacher_follows_the_target_the_student_only_the_sources(comfy, klein_edit_folder, klein_edit_variant_folders):

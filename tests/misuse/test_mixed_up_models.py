@@ -48,7 +48,8 @@ def zimage_vlm_teacher_on_klein(g: Graph, concept_folder: str, klein_folder: str
 @pytest.mark.parametrize("mix_up, fragment", [
     (klein_set_on_zimage, "encoded into 128-channel latents, but this MODEL works on 16-channel latents"),
     (zimage_vae_in_klein_teacher, "encoded into 16-channel latents, but this MODEL works on 128-channel latents"),
-    (zimage_vlm_teacher_on_klein, "cannot read the training set's conditioning (KeyError"),
+    # 0.3.75 reports the missing klein text features as a KeyError, 0.33 as a shape mismatch.
+    (zimage_vlm_teacher_on_klein, "cannot read the training set's conditioning ("),
 ], ids=lambda value: getattr(value, "__name__", ""))
 def test_training_set_made_for_another_model_is_refused_with_the_fix(comfy, concept_folder, klein_concept_folder,
                                                                      user_files, mix_up, fragment):

@@ -22,7 +22,8 @@ def lora_size(in_features: int, out_features: int) -> int:
 
 def zimage_turbo_keys() -> dict[str, tuple[int, ...]]:
     """Z-Image-Turbo 6B: dim 3840, 30 layers (+ 2 noise and 2 context refiner layers), Qwen3-4B captions."""
-    keys = {"cap_embedder.1.weight": (3840, 2560), "cap_pad_token": (1, 3840), "x_pad_token": (1, 3840)}
+    keys = {"cap_embedder.1.weight": (3840, 2560), "cap_pad_token": (1, 3840), "x_pad_token": (1, 3840),
+            "noise_refiner.0.attention.k_norm.weight": (128,)}
     keys |= {f"layers.{i}.attention.qkv.weight": (3 * 3840, 3840) for i in range(30)}
     return keys
 
