@@ -1,6 +1,7 @@
 """DOPSDTrain against its own parts and against ComfyUI's native TrainLoraNode, inside the real ComfyUI.
 
-One run boots ComfyUI 0.3.75 in this process (the test harness's in-process runtime), loads the tiny
+One run boots the selected ComfyUI in this process (the test harness's in-process runtime: 0.3.75 from .venv, or
+0.33 with DOPSD_COMFY_VERSION=0.33 and .venv-comfy033/bin/python), loads the tiny
 real-architecture Z-Image checkpoints through ComfyUI's own loaders, and executes API-format graphs with the
 real DOPSDTrain node and the stock TrainLoraNode. It prints ratios only (times in ms are context, not claims):
 
@@ -34,7 +35,8 @@ How it measures
   the node before training.
 
 Run from the repository root (a few minutes on two CPU cores):
-    .venv/bin/python benchmarks/bench_nodes.py
+    .venv/bin/python benchmarks/bench_nodes.py                                               # ComfyUI 0.3.75
+    DOPSD_COMFY_VERSION=0.33 .venv-comfy033/bin/python benchmarks/bench_nodes.py             # ComfyUI 0.33
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ from tests.fixtures.tiny_models import ZIMAGE_DIM, ZIMAGE_NUM_LAYERS, ZIMAGE_NUM
 from tests.fixtures.tiny_vlm import MATCHING_VISION_FILE, write_tiny_vision_towers  # noqa: E402
 from tests.harness.comfy_runtime import ComfyRuntime  # noqa: E402
 from tests.harness.graph import Graph  # noqa: E402
-from tests.harness.paths import make_base_directory  # noqa: E402
+from tests.harness.paths import comfy_version, make_base_directory  # noqa: E402
 
 MIB = 2**20
 DATASET_FOLDER = "dopsd/bench"
@@ -362,7 +364,8 @@ class Setting:
 def upstream(g: Graph, setting: Setting, image_names: list[str]):
     """Identical in every graph (same node ids), so ComfyUI's cache keeps them between runs."""
     loader = g.node("DOPSDLoadModel", family="Z-Image-Turbo", diffusion_model="z_image_turbo_bf16.safetensors",
-                    text_encoder="qwen_3_4b.safetensors", text_encoder_type="from preset", vae="ae.safetensors")
+                    text_encoder="qwen_3_4b.safetensors", text_encoder_type="from preset", vae="ae.safetensors",
+                    training_schedule="published (authors')")
     dataset = g.node("DOPSDDatasetFromFolder", folder=DATASET_FOLDER, trigger_word="sks fox", placeholder="[trigger]",
                      megapixels=setting.size**2 / 1e6, bucket_multiple=16, allow_outside_input=False)
     pairs = g.node("DOPSDTeacherContextVLM", clip=loader.out(1), vae=loader.out(2), dataset=dataset,
@@ -393,6 +396,13 @@ def dopsd_graph(setting: Setting, images, *, k: int, seed: int, checkpointing: b
     return g.to_api()
 
 
+# 0.33's TrainLoraNode no longer returns the MODEL first: its LOSS_MAP is output 1 there, 2 in 0.3.75.
+NATIVE_LOSS_OUTPUT = {"0.33": 1}
+# Inputs TrainLoraNode gained after 0.3.75, at the values that keep it the plain trainer 0.3.75 has.
+NATIVE_TRAINER_EXTRAS = {"0.33": dict(quantized_backward=False, checkpoint_depth=1, offloading=False, bucket_mode=False,
+                                      bypass_mode=False)}
+
+
 def native_graph(setting: Setting, images, *, seed: int, checkpointing: bool = True):
     g = Graph()
     loader, _, latents, positive, _ = upstream(g, setting, images)
@@ -400,9 +410,9 @@ def native_graph(setting: Setting, images, *, seed: int, checkpointing: bool = T
         "TrainLoraNode", model=loader.out(0), latents=latents, positive=positive, batch_size=1,
         grad_accumulation_steps=1, steps=setting.steps, learning_rate=1e-4, rank=setting.rank, optimizer="AdamW",
         loss_function="MSE", seed=seed, training_dtype="fp32", lora_dtype="fp32", algorithm="LoRA",
-        gradient_checkpointing=checkpointing, existing_lora="[None]",
+        gradient_checkpointing=checkpointing, existing_lora="[None]", **NATIVE_TRAINER_EXTRAS.get(comfy_version(), {}),
     )
-    g.node("LossGraphNode", loss=trained.out(2), filename_prefix="bench/native_loss")
+    g.node("LossGraphNode", loss=trained.out(NATIVE_LOSS_OUTPUT.get(comfy_version(), 2)), filename_prefix="bench/native_loss")
     return g.to_api()
 
 
