@@ -20,6 +20,15 @@ def predict_x0(model, conditionings: list[list], shape: tuple[int, ...], sigma: 
         return [session.predict_x0(x, sigmas, session.prepare(c, shape)).float().cpu() for c in conditionings]
 
 
+def x0_for_two_images(model, item_a, item_b) -> tuple[torch.Tensor, ...]:
+    """(student A, student B, teacher A, teacher B) x0 for the first prompt variant of two training-set items that
+    share their prompt and differ in their image."""
+    pair_a, pair_b = item_a.pairs[0], item_b.pairs[0]
+    assert pair_a.prompt == pair_b.prompt and not torch.equal(item_a.latent, item_b.latent)
+    return tuple(predict_x0(model, [pair_a.student, pair_b.student, pair_a.teacher, pair_b.teacher],
+                            tuple(item_a.latent.shape)))
+
+
 def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
     """RMS of the difference, relative to the RMS of `a`."""
     return ((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()).item()

@@ -7,7 +7,7 @@ import torch
 
 from tests.harness.graph import Graph
 from tests.klein.klein_data import write_single_image_folder
-from tests.klein.klein_probe import predict_x0, relative_change
+from tests.klein.klein_probe import relative_change, x0_for_two_images
 from tests.zimage.zimage_graphs import load_family, train, training_set
 
 CAPTION = "a photo of [trigger], centred"
@@ -56,10 +56,7 @@ def test_the_vlm_teachers_prediction_follows_the_image_and_the_students_does_not
     assert run.success, run.error or run.node_errors
     model = run.output(loader.node_id)[0]
     (item_a,), (item_b,) = (run.output(s.node_id)[0] for s in sets)
-    pair_a, pair_b = item_a.pairs[0], item_b.pairs[0]
-    assert pair_a.prompt == pair_b.prompt and not torch.equal(item_a.latent, item_b.latent)
-    student_a, student_b, teacher_a, teacher_b = predict_x0(
-        model, [pair_a.student, pair_b.student, pair_a.teacher, pair_b.teacher], tuple(item_a.latent.shape))
+    student_a, student_b, teacher_a, teacher_b = x0_for_two_images(model, item_a, item_b)
     teacher_change = relative_change(teacher_a, teacher_b)
     print(f"\nZ-Image VLM teacher, x0 at sigma 0.7: image A -> B moves the teacher by {teacher_change:.2%} (RMS), "
           f"the student by {relative_change(student_a, student_b):.2%}")
