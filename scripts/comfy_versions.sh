@@ -12,7 +12,20 @@ COMFY033_VERSION="0.33.0"
 COMFY033_COMMIT="783545f689a0af730065994b46b382ae24844c99"
 # sha256 of the source archive kept beside checkouts on machines without GitHub (../shared/runtime/).
 COMFY033_SHA256="dcb034a58656b8ef9038da10eeb2fb0cd1760c27185a58004e9c9a2264b560e5"
-COMFY033_ARCHIVE="${DOPSD_COMFY033_ARCHIVE:-$ROOT/../shared/runtime/ComfyUI-$COMFY033_VERSION.tar.gz}"
+
+# The local archive: $DOPSD_COMFY033_ARCHIVE, else ../shared/runtime/ beside this checkout, else beside the checkout
+# this one was cloned from (a clean clone made elsewhere, as CI makes, still finds the machine's archive).
+comfy033_archive() {
+    local name="shared/runtime/ComfyUI-$COMFY033_VERSION.tar.gz" origin
+    [ -n "${DOPSD_COMFY033_ARCHIVE:-}" ] && { echo "$DOPSD_COMFY033_ARCHIVE"; return; }
+    origin="$(git -C "$ROOT" remote get-url origin 2>/dev/null || true)"
+    if [ ! -f "$ROOT/../$name" ] && [ -d "$origin" ] && [ -f "$origin/../$name" ]; then
+        echo "$(cd "$origin/.." && pwd)/$name"
+    else
+        echo "$ROOT/../$name"
+    fi
+}
+COMFY033_ARCHIVE="$(comfy033_archive)"
 COMFY033_URL="https://codeload.github.com/comfyanonymous/ComfyUI/tar.gz/$COMFY033_COMMIT"
 
 # "0.33" / "0.33.0" -> 0.33, "0.3.75" -> 0.3.75; anything else is an error.
