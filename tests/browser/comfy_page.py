@@ -79,6 +79,14 @@ class ComfyPage:
         self.driver.get(self.url)
         self.wait_until("window.app && window.app.graph && window.app.canvas && window.comfyAPI "
                         "&& document.querySelector('button.templates-tab-button')", timeout, "the ComfyUI page to load")
+        # Count the page's requests in flight, for wait_settled (the frontend calls the global fetch each time).
+        self.js("""
+            const state = window.__dopsdFetch = {inflight: 0, settled: performance.now()};
+            const fetch = window.fetch.bind(window);
+            window.fetch = (...args) => {
+                state.inflight++;
+                return fetch(...args).finally(() => { state.inflight--; state.settled = performance.now(); });
+            };""")
         # Record what the server sends the UI over its websocket (the same events the UI renders).
         self.js("""
             window.__dopsdEvents = [];
@@ -100,6 +108,16 @@ class ComfyPage:
             time.sleep(interval)
         self.screenshot("timeout")
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    def wait_settled(self, what: str, quiet: float = 0.5, timeout: float = 30) -> None:
+        """Wait until every request the page sent has been answered, no new one for `quiet` seconds, and two
+        frames have been drawn since: the frontend's asynchronous checks after a load (it asks the server for the
+        model folders before deciding on a missing-models warning) have finished and their dialogs are in the DOM.
+        A positive signal, unlike a fixed sleep, so a slow machine cannot pass an absence check early."""
+        self.wait_until(f"window.__dopsdFetch.inflight === 0 && performance.now() - window.__dopsdFetch.settled > "
+                        f"{quiet * 1000}", timeout, what)
+        self.driver.execute_async_script("const done = arguments[arguments.length - 1];"
+                                         "requestAnimationFrame(() => requestAnimationFrame(() => done(true)))")
 
     def screenshot(self, name: str) -> Path:
         path = self.artifacts / f"{name}.png"
@@ -162,13 +180,13 @@ class ComfyPage:
         self.wait_until(f"window.app.graph.nodes.length === {expected_nodes} "
                         "&& !document.querySelector('[data-testid=template-workflows-content]')",
                         timeout, f"the workflow {name} to load")
-        time.sleep(1.5)  # the missing-models check and its dialog run asynchronously after the graph is configured
+        self.wait_settled(f"the checks that follow loading {name} (missing models)")
 
     def load_graph_data(self, workflow: dict) -> None:
         """What dropping a workflow file on the canvas does: app.loadGraphData with the UI's default dialogs on."""
         self.js("window.__dopsdLoad = window.app.loadGraphData(arguments[0])", workflow)
         self.driver.execute_async_script("window.__dopsdLoad.then(() => arguments[arguments.length - 1](true))")
-        time.sleep(1.5)
+        self.wait_settled("the checks that follow loading a workflow (missing nodes and models)")
 
     def nodes(self) -> list[dict]:
         return self.js("""return window.app.graph.nodes.map(n => ({

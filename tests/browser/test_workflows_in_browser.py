@@ -104,3 +104,18 @@ def test_missing_node_dialog_is_detected(page):
     page.load_graph_data(workflow)
     dialogs = page.dialogs()
     assert any("DOPSDNoSuchNode" in text for text in dialogs), dialogs
+
+
+def test_missing_model_warning_is_detected(page):
+    """Control for the load check above: a workflow that names a model file the server lacks makes the UI warn
+    (a dialog in frontend 1.32, the error overlay in 1.49), and `page.dialogs()` sees it once the page settles."""
+    workflow = json.loads(WORKFLOWS[0].read_text())
+    missing = {"name": "dopsd_no_such_model.safetensors", "directory": "diffusion_models",
+               "url": "https://example.invalid/dopsd_no_such_model.safetensors"}
+    loader = next(node for node in workflow["nodes"] if node["type"] == "DOPSDLoadModel")
+    loader["widgets_values"][1] = missing["name"]  # what a workflow shared by someone with other files names
+    loader["properties"]["models"] = [missing]
+    workflow["models"] = [missing]
+    page.load_graph_data(workflow)
+    dialogs = page.dialogs()
+    assert any("dopsd_no_such_model" in text for text in dialogs), dialogs

@@ -146,8 +146,12 @@ class ComfyRuntime:
             raise RuntimeError("ComfyUI is already booted in this process with another base directory")
         return cls._instance
 
-    def run(self, graph: dict[str, dict], client_id: str | None = None) -> GraphRun:
+    def run(self, graph: dict[str, dict], client_id: str | None = None,
+            interrupt_at_progress: int | None = None) -> GraphRun:
         """Validate and execute an API-format graph the way ComfyUI's prompt worker does.
+
+        `interrupt_at_progress`: press Cancel (ComfyUI's interrupt flag) when a node first reports that progress
+        value; the request belongs to this run only and never carries over to the next one.
 
         With a `client_id` (what the web UI sends), ComfyUI also reports every node it executes ('executing'
         messages in `self.server.messages`); nodes answered from its cache are not among them.
@@ -160,7 +164,12 @@ class ComfyRuntime:
         if not valid:
             return GraphRun(prompt_id, False, {}, [], node_errors, error, self)
         self.server.last_prompt_id = prompt_id
-        self.executor.execute(graph, prompt_id, {"client_id": client_id} if client_id else {}, outputs)
+        self.interrupt_at_progress = interrupt_at_progress
+        try:
+            self.executor.execute(graph, prompt_id, {"client_id": client_id} if client_id else {}, outputs)
+        finally:
+            self.interrupt_at_progress = None
+            self.nodes.interrupt_processing(False)
         return GraphRun(
             prompt_id,
             self.executor.success,

@@ -124,8 +124,7 @@ def test_input_model_is_unchanged_by_training_success_cancel_and_failure(untrain
     loader = load_family(g)
     cancelled = train(g, loader, training_set(g, loader, concept_folder), steps=50, seed=5)
     g.node("LossGraphNode", loss=cancelled.out(2), filename_prefix="cancelled")
-    comfy.interrupt_at_progress = 1
-    cancel_run = comfy.run(g.to_api())
+    cancel_run = comfy.run(g.to_api(), interrupt_at_progress=1)
     assert not cancel_run.success and cancel_run.error["event"] == "execution_interrupted"
     assert cancel_run.error["node_type"] == "DOPSDTrain"
     progress = [m for e, m in comfy.server.messages if e == "progress"]
