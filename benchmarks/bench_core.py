@@ -30,7 +30,7 @@ from dopsd_core import (  # noqa: E402
     flux2_klein_sigmas,
     x0_loss,
 )
-from tests.core.core_toys import LORA_TARGETS, ToyCond, ToyDiT, reference_dopsd_backward  # noqa: E402
+from devkit.core_toys import LORA_TARGETS, ToyCond, ToyDiT, reference_dopsd_backward  # noqa: E402
 
 MIB = 2**20
 

@@ -48,16 +48,22 @@ ZIMAGE_TURBO = Family(
     training_sigmas=lambda image_tokens: schedules.zimage_turbo_training_sigmas(4),
     recipe=Recipe(steps=2000, learning_rate=1e-4, gradient_accumulation=4),
 )
-# klein samples on its 4-step grid shifted for the image size; the authors rolled out on another 4-step grid
-# (ending near 0.001 instead of 1/4), shifted the same way.
+# Roll-out schedules to train on: the authors' (the default), or the grid the family samples with.
+PUBLISHED_SCHEDULE = "published (authors')"
+SAMPLING_SCHEDULE = "sampling grid"
+ROLLOUT_SCHEDULES = (PUBLISHED_SCHEDULE, SAMPLING_SCHEDULE)
+# klein samples on its grid shifted for the image size; the authors rolled out on another grid (ending near 0.001
+# instead of 1/steps), shifted the same way. (steps, image tokens) -> sigmas.
+FLUX2_SCHEDULES = {PUBLISHED_SCHEDULE: schedules.flux2_klein_training_sigmas,
+                   SAMPLING_SCHEDULE: schedules.flux2_klein_sigmas}
 FLUX2_KLEIN_4B = Family(
     name="FLUX.2-klein 4B",
     diffusion_model="flux-2-klein-4b.safetensors",
     text_encoder="qwen_3_4b.safetensors",
     vae="flux2-vae.safetensors",
     clip_type="FLUX2",
-    inference_sigmas=lambda image_tokens: schedules.flux2_klein_sigmas(4, image_tokens),
-    training_sigmas=lambda image_tokens: schedules.flux2_klein_training_sigmas(4, image_tokens),
+    inference_sigmas=lambda image_tokens: FLUX2_SCHEDULES[SAMPLING_SCHEDULE](4, image_tokens),
+    training_sigmas=lambda image_tokens: FLUX2_SCHEDULES[PUBLISHED_SCHEDULE](4, image_tokens),
     recipe=Recipe(steps=3000, learning_rate=2e-5, gradient_accumulation=4),
 )
 # The 9B model differs from the 4B only in its files (the authors used the same recipe for both).
@@ -71,12 +77,6 @@ FAMILIES = {f.name: f for f in (ZIMAGE_TURBO, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B)}
 CUSTOM = "custom"
 # klein edit tuning: the concept recipe on 8 GPUs.
 KLEIN_EDIT_TUNING = replace(FLUX2_KLEIN_4B.recipe, gradient_accumulation=8)
-
-# Roll-out schedules to train on: the authors' (the default), or the grid the family samples with.
-PUBLISHED_SCHEDULE = "published (authors')"
-SAMPLING_SCHEDULE = "sampling grid"
-ROLLOUT_SCHEDULES = (PUBLISHED_SCHEDULE, SAMPLING_SCHEDULE)
-
 
 def rollout_schedule(family: Family, choice: str) -> Schedule:
     return family.training_sigmas if choice == PUBLISHED_SCHEDULE else family.inference_sigmas

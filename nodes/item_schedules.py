@@ -9,12 +9,10 @@ import dataclasses
 
 from comfy_api.latest import io
 
-from ..dopsd_core import flux2_image_tokens, flux2_klein_sigmas, flux2_klein_training_sigmas, validate_sigmas
-from .training_set import TRAINING_SET, EncodedItem
+from ..dopsd_core import flux2_image_tokens, validate_sigmas
 from .errors import node_error
-from .families import PUBLISHED_SCHEDULE, SAMPLING_SCHEDULE
-
-FLUX2_SCHEDULES = {PUBLISHED_SCHEDULE: flux2_klein_training_sigmas, SAMPLING_SCHEDULE: flux2_klein_sigmas}
+from .families import FLUX2_SCHEDULES, PUBLISHED_SCHEDULE
+from .training_set import TRAINING_SET, EncodedItem
 
 
 def flux2_schedule_for(item: EncodedItem, steps: int, choice: str = PUBLISHED_SCHEDULE):

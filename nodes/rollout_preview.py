@@ -7,6 +7,7 @@ these teacher images, so artifacts visible here will be learned.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from comfy_api.latest import io
 
 from ..dopsd_core import rollout_preview, validate_sigmas
@@ -34,7 +35,7 @@ class DOPSDRolloutPreview(io.ComfyNode):
                 io.Sigmas.Input("sigmas", tooltip="The training schedule to preview. An image with its own schedule "
                                                   "(Training Schedule per Image Size) is previewed on that one, as "
                                                   "D-OPSD Train rolls it out."),
-                io.Int.Input("pair_index", default=0, min=0, max=100_000, tooltip="Which image of the set."),
+                io.Int.Input("image_index", default=0, min=0, max=100_000, tooltip="Which image of the set."),
                 io.Int.Input("prompt_variant", default=0, min=0, max=1_000, tooltip="Which of its prompt variants."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="The roll-out's starting noise; change it to see another trajectory."),
@@ -46,16 +47,16 @@ class DOPSDRolloutPreview(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, training_set, sigmas, pair_index, prompt_variant, seed) -> io.NodeOutput:
+    def execute(cls, model, vae, training_set, sigmas, image_index, prompt_variant, seed) -> io.NodeOutput:
         require_flow_model(model, cls)
         try:
             sigmas = validate_sigmas(sigmas)
         except ValueError as err:
             raise node_error(cls, f"sigmas: {err}", "connect a schedule that ends at 0") from err
-        if not 0 <= pair_index < len(training_set):
-            raise node_error(cls, f"pair_index {pair_index} is outside the training set of {len(training_set)}",
+        if not 0 <= image_index < len(training_set):
+            raise node_error(cls, f"image_index {image_index} is outside the training set of {len(training_set)}",
                              f"pick 0 to {len(training_set) - 1}")
-        item = training_set[pair_index]
+        item = training_set[image_index]
         require_latents_of(model, [item.latent], cls)
         if not 0 <= prompt_variant < len(item.pairs):
             raise node_error(cls, f"{item.name} has {len(item.pairs)} prompt variants, not {prompt_variant + 1}",
@@ -83,8 +84,9 @@ class DOPSDRolloutPreview(io.ComfyNode):
         for _, student_x0, teacher_x0 in latents:
             student_image, teacher_image = vae.decode(student_x0), vae.decode(teacher_x0)
             height, width = student_image.shape[1:3]
-            resized_target = torch.nn.functional.interpolate(
-                target.movedim(-1, 1), size=(height, width), mode="bilinear", align_corners=False
-            ).movedim(1, -1)
-            panels.append(torch.cat([student_image[:1], teacher_image[:1], resized_target], dim=2))
+            resized_target = rearrange(torch.nn.functional.interpolate(
+                rearrange(target, "b h w c -> b c h w"), size=(height, width), mode="bilinear", align_corners=False
+            ), "b c h w -> b h w c")
+            panels.append(rearrange([student_image[:1], teacher_image[:1], resized_target],
+                                    "panel b h w c -> b h (panel w) c"))
         return io.NodeOutput(torch.cat(panels), {"samples": torch.cat([state for state, _, _ in latents])})

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import AbstractContextManager, ExitStack
+from typing import Protocol
 
 import comfy.model_management
 import comfy.utils
@@ -18,6 +20,7 @@ from server import PromptServer
 from ..dopsd_core import (
     DualLora,
     LoraSpec,
+    StepReport,
     TrainConfig,
     Trainer,
     TrainingCancelled,
@@ -166,23 +169,30 @@ class DOPSDTrain(io.ComfyNode):
             spec = LoraSpec(rank, alpha, targets, init=LORA_INITS[lora_init], seed=seed, output_slices=output_slices)
             lora, losses, previews = train(model, training_set, sigmas, config, spec, file_keys,
                                            gradient_checkpointing, resume, preview_every)
-        metadata = {
-            "dopsd.method": objective, "dopsd.base_model": base_model_name(model), "dopsd.steps": str(steps),
-            "dopsd.rank": str(rank), "dopsd.alpha": str(alpha), "dopsd.lora_targets": targets,
-            "dopsd.lora_targets_choice": lora_targets, "dopsd.lora_init": LORA_INITS[lora_init],
-            "dopsd.fused_layers": "one adapter per slice (q, k, v)" if output_slices else "one adapter per layer",
-            "dopsd.rollout_schedule": rollout_schedule_name(sigmas, training_set),
-            "dopsd.training_sigmas": json.dumps([round(s, 6) for s in sigmas.tolist()]),
-            "dopsd.learning_rate": str(learning_rate), "dopsd.gradient_accumulation": str(gradient_accumulation),
-            "dopsd.ema_decay": str(ema_decay),
-            "dopsd.loss_space": loss_space, "dopsd.images": str(len(training_set)),
-        }
-        per_size = {f"{item.image.shape[2]}x{item.image.shape[1]}": [round(s, 6) for s in item.sigmas.tolist()]
-                    for item in training_set if item.sigmas is not None}
-        if per_size:  # items rolled out on their own schedules instead of training_sigmas
-            metadata["dopsd.training_sigmas_per_image_size"] = json.dumps(per_size)
-        trained = TrainedLora(lora, metadata)
+        trained = TrainedLora(lora, lora_metadata(model, training_set, sigmas, config, spec, objective, lora_targets))
         return io.NodeOutput(apply_lora(model, trained), trained, {"loss": losses}, {"samples": previews})
+
+
+def lora_metadata(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,
+                  objective: str, lora_targets_choice: str) -> dict[str, str]:
+    """The saved LoRA's header: how it was trained, so a file found later explains itself."""
+    metadata = {
+        "dopsd.method": objective, "dopsd.base_model": base_model_name(model), "dopsd.steps": str(config.steps),
+        "dopsd.rank": str(spec.rank), "dopsd.alpha": str(spec.alpha), "dopsd.lora_targets": spec.target_modules,
+        "dopsd.lora_targets_choice": lora_targets_choice, "dopsd.lora_init": spec.init,
+        "dopsd.fused_layers": "one adapter per slice (q, k, v)" if spec.output_slices else "one adapter per layer",
+        "dopsd.rollout_schedule": rollout_schedule_name(sigmas, training_set),
+        "dopsd.training_sigmas": json.dumps([round(s, 6) for s in sigmas.tolist()]),
+        "dopsd.learning_rate": str(config.learning_rate),
+        "dopsd.gradient_accumulation": str(config.gradient_accumulation),
+        "dopsd.ema_decay": str(config.ema_decay), "dopsd.loss_space": config.loss_space,
+        "dopsd.images": str(len(training_set)),
+    }
+    per_size = {f"{item.image.shape[2]}x{item.image.shape[1]}": [round(s, 6) for s in item.sigmas.tolist()]
+                for item in training_set if item.sigmas is not None}
+    if per_size:  # items rolled out on their own schedules instead of training_sigmas
+        metadata["dopsd.training_sigmas_per_image_size"] = json.dumps(per_size)
+    return metadata
 
 
 def lora_targets_for(model, choice: str, custom_regex: str, node) -> str:
@@ -217,73 +227,130 @@ def progress_text(step: int, total: int, loss: float, seconds_per_step: float) -
     return text
 
 
+class TrainingObserver(Protocol):
+    """Something that watches the node's training from outside, e.g. benchmarks/bench_nodes.py timing the parts of
+    each step. Register it in TRAINING_OBSERVERS; every DOPSDTrain run calls it."""
+
+    def watching(self, trainer: Trainer) -> AbstractContextManager:
+        """Entered just before Trainer.train and left after it, with the trainer the node built."""
+
+    def after_step(self, trainer: Trainer, report: StepReport) -> None:
+        """Called after each optimizer step, once the node has shown its progress."""
+
+
+TRAINING_OBSERVERS: list[TrainingObserver] = []
+
+
 def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,
           file_keys: dict[str, str], gradient_checkpointing: bool, resume: bool, preview_every: int):
-    """Run the trainer inside a loaded model session; the adapters are always removed again, also on error.
+    """Train inside a loaded model session: prepare the items, attach the adapters, (resume,) run the trainer while
+    showing progress, export the student. The adapters are always removed again, also on error.
 
-    Items that carry their own schedule (EncodedItem.sigmas) are rolled out on it, the others on `sigmas`.
-    The step, loss and time left are shown on the running node as training goes."""
+    Items that carry their own schedule (EncodedItem.sigmas) are rolled out on it, the others on `sigmas`."""
     latent_shape = tuple(training_set[0].latent.shape)
     diffusion_model = model.model.diffusion_model
+    blocks = transformer_blocks(diffusion_model)
     with model_session(model, latent_shape, training=True) as session:
         make_weights_autograd_safe(diffusion_model)
-        with explain_unreadable_conditioning(DOPSDTrain):
-            items = [to_training_item(session, item) for item in training_set]
-            first = items[0].variants[0]
-            session.check_reads([first.student_cond, first.teacher_cond], latent_shape)
-        try:
-            adapters = DualLora(diffusion_model, spec)
-        except ValueError as err:
-            raise node_error(DOPSDTrain, f"lora_targets: {err}",
-                             "pick a preset or a custom regex that matches linear layers") from err
-        with adapters, allow_inplace_residuals(transformer_blocks(diffusion_model)):
+        items = prepare_items(session, training_set, latent_shape)
+        adapters = attach_adapters(diffusion_model, spec)
+        with adapters, allow_inplace_residuals(blocks):
             trainer = Trainer(session.predict_x0, adapters, items, sigmas.to(session.device), config, session.device,
-                              checkpointed_modules=transformer_blocks(diffusion_model) if gradient_checkpointing else ())
+                              checkpointed_modules=blocks if gradient_checkpointing else ())
             if resume:
                 resume_from_latest(trainer, config.checkpoint_dir)
-            losses, previews = [], []
-            progress = comfy.utils.ProgressBar(config.steps)
-            progress.update_absolute(trainer.step)
-            previewer = latent_preview.get_previewer(session.device, model.model.latent_format)
-            preview = StudentPreview(session, items[0], trainer.schedule_for(items[0]), adapters)
-            # The node's id comes from the executor's context, not a hidden UNIQUE_ID input: ComfyUI puts the id of
-            # nodes that declare one into their cache key (V1 nodes in 0.3.75), and a copied Train node would retrain.
-            context = get_executing_context()
-            start_step, started = trainer.step, time.perf_counter()
-
-            def on_step(report):
-                losses.append(report.loss)
-                shown = None
-                if preview_every and report.step % preview_every == 0:
-                    latent = preview.render()
-                    previews.append(session.to_vae_space(latent).float().cpu())
-                    if previewer is not None:
-                        shown = previewer.decode_latent_to_preview_image("JPEG", latent)
-                progress.update_absolute(report.step, config.steps, shown)
-                if context is not None:
-                    seconds_per_step = (time.perf_counter() - started) / (report.step - start_step)
-                    # Called as ComfyUI's own nodes call it (text, node id): headless runners stub exactly that.
-                    PromptServer.instance.send_progress_text(
-                        progress_text(report.step, config.steps, report.loss, seconds_per_step), context.node_id)
-                logging.info("DOPSDTrain step %d/%d loss %.5f grad-norm %.3f", report.step, config.steps,
-                             report.loss, report.grad_norm)
-
-            try:
-                trainer.train(on_step=on_step, should_cancel=comfy.model_management.processing_interrupted)
-                if config.checkpoint_every > 0 and trainer.step % config.checkpoint_every != 0:
-                    trainer.save_checkpoint()
-            except (TrainingCancelled, comfy.model_management.InterruptProcessingException):
-                # Cancel is seen either between roll-out steps (TrainingCancelled) or by ComfyUI's progress hook.
-                logging.info("DOPSDTrain cancelled after %d completed steps; the model is unchanged", trainer.step)
-                raise comfy.model_management.InterruptProcessingException()
-            except (OSError, SafetensorError) as err:
-                raise node_error(DOPSDTrain, f"could not write a checkpoint in {config.checkpoint_dir} ({err})",
-                                 "free disk space or choose a writable checkpoint_folder; earlier checkpoints are "
-                                 "intact") from err
-            if not previews or preview_every == 0:
-                previews.append(session.to_vae_space(preview.render()).float().cpu())
+            monitor = TrainingMonitor(session, model.model.latent_format, trainer, preview_every)
+            run_to_the_end(trainer, monitor)
             lora = comfy_lora_tensors(adapters.student_state(), LORA_DTYPE, file_keys)
-    return lora, losses, torch.cat(previews).cpu()
+            return lora, monitor.losses, monitor.previews()
+
+
+def prepare_items(session: ModelSession, training_set: list[EncodedItem], latent_shape) -> list[TrainingItem]:
+    with explain_unreadable_conditioning(DOPSDTrain):
+        items = [to_training_item(session, item) for item in training_set]
+        first = items[0].variants[0]
+        session.check_reads([first.student_cond, first.teacher_cond], latent_shape)
+    return items
+
+
+def attach_adapters(diffusion_model, spec: LoraSpec) -> DualLora:
+    try:
+        return DualLora(diffusion_model, spec)
+    except ValueError as err:
+        raise node_error(DOPSDTrain, f"lora_targets: {err}",
+                         "pick a preset or a custom regex that matches linear layers") from err
+
+
+def run_to_the_end(trainer: Trainer, monitor: "TrainingMonitor") -> None:
+    """Trainer.train with ComfyUI's cancel, the observers, a last checkpoint, and errors a user can act on."""
+    config = trainer.config
+
+    def on_step(report):
+        monitor.on_step(report)
+        for observer in TRAINING_OBSERVERS:
+            observer.after_step(trainer, report)
+
+    try:
+        with ExitStack() as watched:
+            for observer in TRAINING_OBSERVERS:
+                watched.enter_context(observer.watching(trainer))
+            trainer.train(on_step=on_step, should_cancel=comfy.model_management.processing_interrupted)
+        if config.checkpoint_every > 0 and trainer.step % config.checkpoint_every != 0:
+            trainer.save_checkpoint()
+    except (TrainingCancelled, comfy.model_management.InterruptProcessingException):
+        # Cancel is seen either between roll-out steps (TrainingCancelled) or by ComfyUI's progress hook.
+        logging.info("DOPSDTrain cancelled after %d completed steps; the model is unchanged", trainer.step)
+        raise comfy.model_management.InterruptProcessingException()
+    except (OSError, SafetensorError) as err:
+        raise node_error(DOPSDTrain, f"could not write a checkpoint in {config.checkpoint_dir} ({err})",
+                         "free disk space or choose a writable checkpoint_folder; earlier checkpoints are "
+                         "intact") from err
+
+
+class TrainingMonitor:
+    """What the user sees while training: ComfyUI's progress bar with a preview image every `preview_every` steps, the
+    step, loss and time left as the node's text, and a log line per step. Keeps the losses and preview latents."""
+
+    def __init__(self, session: ModelSession, latent_format, trainer: Trainer, preview_every: int):
+        self.session, self.steps, self.preview_every = session, trainer.config.steps, preview_every
+        first = trainer.items[0]
+        self.preview = StudentPreview(session, first, trainer.schedule_for(first), trainer.adapters)
+        self.previewer = latent_preview.get_previewer(session.device, latent_format)
+        self.progress = comfy.utils.ProgressBar(self.steps)
+        self.progress.update_absolute(trainer.step)
+        # The node's id comes from the executor's context, not a hidden UNIQUE_ID input: ComfyUI puts the id of
+        # nodes that declare one into their cache key (V1 nodes in 0.3.75), and a copied Train node would retrain.
+        self.context = get_executing_context()
+        self.start_step, self.started = trainer.step, time.perf_counter()
+        self.losses: list[float] = []
+        self.preview_latents: list[torch.Tensor] = []
+
+    def on_step(self, report: StepReport) -> None:
+        self.losses.append(report.loss)
+        shown = None
+        if self.preview_every and report.step % self.preview_every == 0:
+            latent = self.render_preview()
+            if self.previewer is not None:
+                shown = self.previewer.decode_latent_to_preview_image("JPEG", latent)
+        self.progress.update_absolute(report.step, self.steps, shown)
+        if self.context is not None:
+            seconds_per_step = (time.perf_counter() - self.started) / (report.step - self.start_step)
+            # Called as ComfyUI's own nodes call it (text, node id): headless runners stub exactly that.
+            PromptServer.instance.send_progress_text(
+                progress_text(report.step, self.steps, report.loss, seconds_per_step), self.context.node_id)
+        logging.info("DOPSDTrain step %d/%d loss %.5f grad-norm %.3f", report.step, self.steps, report.loss,
+                     report.grad_norm)
+
+    def render_preview(self) -> torch.Tensor:
+        latent = self.preview.render()
+        self.preview_latents.append(self.session.to_vae_space(latent).float().cpu())
+        return latent
+
+    def previews(self) -> torch.Tensor:
+        """The previews taken during training, or the final student's when none was (preview_every 0)."""
+        if not self.preview_latents or self.preview_every == 0:
+            self.render_preview()
+        return torch.cat(self.preview_latents)
 
 
 def to_training_item(session: ModelSession, item: EncodedItem) -> TrainingItem:

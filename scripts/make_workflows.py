@@ -22,7 +22,7 @@ from scripts.workflow_builder import MUTED, Group, Node, Workflow, build  # noqa
 
 def families():
     """The pack's family presets, as ComfyUI imported the pack (needs the booted runtime)."""
-    from tests.harness.comfy_runtime import pack_module
+    from devkit.comfy_runtime import pack_module
 
     return pack_module("nodes.families")
 
@@ -70,7 +70,7 @@ def zimage_workflow() -> Workflow:
         Group("4 · Look at the teacher first", (
             "## 4 · Preview before training\nThe student's own few-step roll-out; per step: **student | teacher | "
             "target**. The student learns whatever the teacher shows here, artifacts included."),
-            [Node("preview", "DOPSDRolloutPreview", {"pair_index": 0, "prompt_variant": 0, "seed": 0},
+            [Node("preview", "DOPSDRolloutPreview", {"image_index": 0, "prompt_variant": 0, "seed": 0},
                   {"model": ("load", 0), "vae": ("load", 2), "training_set": ("teacher", 0), "sigmas": ("load", 4)}),
              Node("preview_image", "PreviewImage", {}, {"images": ("preview", 0)})], column=3),
         Group("5 · Train with D-OPSD", (
@@ -157,7 +157,7 @@ def klein_teacher_group(title: str, note: str, teacher_node: str) -> Group:
 
 def klein_preview_group(note: str) -> Group:
     return Group("4 · Look at the teacher first", note, [
-        Node("preview", "DOPSDRolloutPreview", {"pair_index": 0, "prompt_variant": 0, "seed": 0},
+        Node("preview", "DOPSDRolloutPreview", {"image_index": 0, "prompt_variant": 0, "seed": 0},
              {"model": ("load", 0), "vae": ("load", 2), "training_set": ("schedule", 0), "sigmas": ("load", 4)}),
         Node("preview_image", "PreviewImage", {}, {"images": ("preview", 0)})], column=3)
 
@@ -302,8 +302,8 @@ WORKFLOWS = (zimage_workflow, klein_concept_workflow, klein_edit_workflow)
 
 
 def main() -> None:
-    from tests.harness.comfy_runtime import ComfyRuntime
-    from tests.harness.paths import make_base_directory
+    from devkit.comfy_runtime import ComfyRuntime
+    from devkit.paths import make_base_directory
 
     runtime = ComfyRuntime.boot(make_base_directory(Path(tempfile.mkdtemp(prefix="dopsd_make_workflows_"))))
     for make in WORKFLOWS:

@@ -9,15 +9,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.harness.paths import make_base_directory  # noqa: E402
+from devkit.paths import make_base_directory  # noqa: E402
 
 
 def main() -> None:
     out = REPO / "output" / "example"
     shutil.rmtree(out, ignore_errors=True)
     base = make_base_directory(out / "comfyui")
-    from tests.harness.example_job import TINY_SETTINGS, WORKFLOW, prepare_base, run_example
-    from tests.harness.comfy_runtime import ComfyRuntime
+    from devkit.example_job import TINY_SETTINGS, WORKFLOW, prepare_base, run_example
+    from devkit.comfy_runtime import ComfyRuntime
 
     prepare_base(base)
     runtime = ComfyRuntime.boot(base)

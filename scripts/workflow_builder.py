@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from tests.harness.ui_workflow import has_control_widget, is_widget
+from devkit.ui_workflow import has_control_widget, is_widget
 
 # Wide enough for the longest node title ("Teacher Context: Reference Image (D-OPSD, FLUX.2-klein)"): the web UI
 # widens a node to its title, which would push it out of its group.

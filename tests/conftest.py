@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-# Imported before ComfyUI is put first on sys.path: ComfyUI ships a `tests` package of its own.
-from tests.fixtures.tiny_dataset import write_concept_images
-from tests.fixtures.tiny_models import write_tiny_models
-from tests.fixtures.tiny_vlm import write_tiny_vision_towers
-from tests.harness.comfy_runtime import ComfyRuntime
-from tests.harness.comfy_server import ComfyServer
-from tests.harness.paths import make_base_directory
+from devkit.tiny_dataset import write_concept_images
+from devkit.tiny_models import write_tiny_models
+from devkit.tiny_vlm import write_tiny_vision_towers
+from devkit.comfy_runtime import ComfyRuntime
+from devkit.comfy_server import ComfyServer
+from devkit.paths import make_base_directory
 from tests.klein.klein_data import write_concept_folder
 
 

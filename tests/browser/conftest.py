@@ -12,8 +12,8 @@ import shutil
 import pytest
 
 from tests.browser.comfy_page import BrowserUnavailable, ComfyPage, browser_binaries, in_ci, start_chromium, write_settings
-from tests.harness.comfy_server import ComfyServer
-from tests.harness.paths import REPO_ROOT
+from devkit.comfy_server import ComfyServer
+from devkit.paths import REPO_ROOT
 
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from dopsd_core.checkpoints import STUDENT_FILE, TEACHER_FILE, TRAINER_STATE_FILE, load_checkpoint
 from tests.browser.workflow_inputs import api_graph, tiny_settings, write_inputs
-from tests.harness.graph import Graph
-from tests.harness.paths import PACK_DIR_NAME, REPO_ROOT
+from devkit.graph import Graph
+from devkit.paths import PACK_DIR_NAME, REPO_ROOT
 
 WORKFLOW = REPO_ROOT / "workflows" / "zimage_turbo_dopsd_finetune_then_generate.json"
 TAG = "cancel"

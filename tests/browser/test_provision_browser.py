@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.harness.paths import REPO_ROOT
+from devkit.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "provision.sh"
 

@@ -2,7 +2,7 @@
 
 Per workflow: the server's template endpoint lists it under the pack; the template browser opens it with no
 missing-node or missing-model dialog and no error toast; the graph the UI would queue is exactly what the headless
-converter (tests/harness/ui_workflow.py) makes of the file; then, with the widgets set to CPU-sized values on the
+converter (devkit/ui_workflow.py) makes of the file; then, with the widgets set to CPU-sized values on the
 canvas (workflow_inputs.py: the shipped values, 2000 steps at ~1 MP, would take hours on a CPU), clicking Run
 executes it to completion on the tiny models, and a screenshot of the finished canvas is kept as an artifact.
 """
@@ -14,8 +14,8 @@ import pytest
 import safetensors
 
 from tests.browser.workflow_inputs import api_graph, tiny_settings, write_inputs
-from tests.harness.example_job import TINY_SETTINGS
-from tests.harness.paths import PACK_DIR_NAME, REPO_ROOT
+from devkit.example_job import TINY_SETTINGS
+from devkit.paths import PACK_DIR_NAME, REPO_ROOT
 
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("*.json"))
 RUN_TIMEOUT = 400

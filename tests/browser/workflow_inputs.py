@@ -12,10 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.fixtures.tiny_dataset import write_concept_images
-from tests.harness.example_job import TINY_SETTINGS
-from tests.harness.paths import comfy_version
-from tests.harness.ui_workflow import input_spec_from_object_info, to_api
+from devkit.tiny_dataset import write_concept_images
+from devkit.example_job import TINY_SETTINGS
+from devkit.paths import comfy_version
+from devkit.ui_workflow import input_spec_from_object_info, to_api
 from tests.klein.klein_graphs import IMAGE_SCALE_MIN_MEGAPIXELS, TEXT_ENCODER_TYPE_0_3_75
 
 TINY_SIZE = {"width": 64, "height": 64}
@@ -45,7 +45,7 @@ def tiny_settings(api_graph: dict, tag: str) -> dict[str, dict]:
 
 
 def api_graph(workflow: dict, object_info: dict) -> dict:
-    """The workflow converted as the UI converts it on Run (tests/harness/ui_workflow.py)."""
+    """The workflow converted as the UI converts it on Run (devkit/ui_workflow.py)."""
     return to_api(workflow, lambda node_type: input_spec_from_object_info(object_info[node_type]))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness.paths import comfy_version
+from devkit.paths import comfy_version
 
 pytestmark = pytest.mark.skipif(comfy_version() != "0.33", reason="dynamic VRAM exists from ComfyUI 0.33 on")
 

@@ -16,8 +16,8 @@ import torch
 import transformers
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-from tests.fixtures.tiny_vlm import MATCHING_VISION_FILE
-from tests.harness.comfy_runtime import pack_module
+from devkit.tiny_vlm import MATCHING_VISION_FILE
+from devkit.comfy_runtime import pack_module
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness.comfy_runtime import pack_module
-from tests.harness.paths import comfy_version
+from devkit.comfy_runtime import pack_module
+from devkit.paths import comfy_version
 
 ON_033 = comfy_version() == "0.33"
 # family -> (diffusion model file, CLIPLoader type for the tiny text encoder in this ComfyUI, latent shape)

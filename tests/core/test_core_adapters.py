@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.core.core_toys import LORA_TARGETS, CastLinear, ToyCond, ToyDiT, random_adapter_state
+from devkit.core_toys import LORA_TARGETS, CastLinear, ToyCond, ToyDiT, random_adapter_state
 from dopsd_core import DualLora, LoraSpec, find_target_modules
 
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=LORA_TARGETS)

@@ -15,7 +15,7 @@ from dopsd_core import (
     save_adapter_state,
     zimage_turbo_training_sigmas,
 )
-from tests.core.core_toys import LORA_TARGETS, ToyCond, ToyDiT, random_adapter_state
+from devkit.core_toys import LORA_TARGETS, ToyCond, ToyDiT, random_adapter_state
 
 # Dropout draws from torch's global generator, so resuming must restore it too.
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=LORA_TARGETS, dropout=0.1)

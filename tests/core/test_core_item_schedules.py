@@ -14,7 +14,7 @@ from dopsd_core import (
     flux2_klein_sigmas,
     zimage_turbo_training_sigmas,
 )
-from tests.core.core_toys import LORA_TARGETS, ToyCond, ToyDiT
+from devkit.core_toys import LORA_TARGETS, ToyCond, ToyDiT
 
 TRAINER_SIGMAS = zimage_turbo_training_sigmas()  # 1, .9, .75, .5, 0
 SMALL_IMAGE_SIGMAS = flux2_klein_sigmas(4, 256)  # 256x256 px

@@ -16,7 +16,7 @@ from dopsd_core import (
     x0_loss,
     zimage_turbo_training_sigmas,
 )
-from tests.core.core_toys import (
+from devkit.core_toys import (
     LORA_TARGETS,
     Block,
     ToyCond,

@@ -1,7 +1,7 @@
 """Every input of every D-OPSD node says what it does: artists read tooltips, not the source."""
 from __future__ import annotations
 
-from tests.harness.comfy_runtime import pack_module
+from devkit.comfy_runtime import pack_module
 
 
 def test_every_input_of_every_node_has_a_tooltip(comfy):

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.harness.graph import Graph
-from tests.harness.paths import PACK_DIR_NAME
+from devkit.graph import Graph
+from devkit.paths import PACK_DIR_NAME
 
 
 def stock_zimage_graph(prompt: str, prefix: str, seed: int = 1) -> dict:

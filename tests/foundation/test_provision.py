@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.harness.paths import REPO_ROOT, comfy_version
+from devkit.paths import REPO_ROOT, comfy_version
 
 SCRIPT = REPO_ROOT / "scripts" / "provision.sh"
 # The venv variable and default venv of each release (scripts/comfy_versions.sh).

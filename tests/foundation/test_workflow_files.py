@@ -6,7 +6,7 @@ import json
 import pytest
 
 from scripts.make_workflows import WORKFLOWS, build
-from tests.harness.paths import REPO_ROOT, comfy_version
+from devkit.paths import REPO_ROOT, comfy_version
 
 WORKFLOW_DIR = REPO_ROOT / "workflows"
 GENERATED_WITH = "0.33"  # the primary target; 0.3.75's web UI and converter ignore the extra widget values

@@ -2,13 +2,13 @@
 
 On ComfyUI 0.3.75, which has no FLUX.2-klein text encoder (CLIPType FLUX2 arrived in the 0.4x line), the loader is
 given text_encoder_type "lumina2": 0.3.75 loads the tiny Qwen3 file as its one Qwen3 encoder, whose feature width
-the tiny FLUX.2 DiT is built for there (tests/fixtures/tiny_models.py). On 0.33 the tests keep "from preset", as
+the tiny FLUX.2 DiT is built for there (devkit/tiny_models.py). On 0.33 the tests keep "from preset", as
 users do.
 """
 from __future__ import annotations
 
-from tests.harness.graph import Graph, NodeRef
-from tests.harness.paths import comfy_version
+from devkit.graph import Graph, NodeRef
+from devkit.paths import comfy_version
 
 # 0.3.75 has no klein text encoder: its one Qwen3 encoder ("lumina2") reads the tiny file, and the tiny FLUX.2 DiT is
 # built for its width. 0.33 runs klein natively: "from preset" (CLIPType FLUX2, layers 9/18/27), as users do.
@@ -83,7 +83,7 @@ def concept_fine_tune_then_generate(folder: str, lora_name: str, **train_overrid
     loader = load_klein(g)
     pairs = reference_teacher(g, loader, dataset(g, folder))
     preview = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=pairs,
-                     sigmas=loader.out(4), pair_index=0, prompt_variant=0, seed=0)
+                     sigmas=loader.out(4), image_index=0, prompt_variant=0, seed=0)
     g.node("PreviewImage", images=preview)
     trained = train(g, loader, pairs, **train_overrides)
     saved = g.node("DOPSDSaveLoRA", model=loader.out(0), lora=trained.out(1), lora_name=lora_name, overwrite=True,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.harness.comfy_runtime import pack_module
+from devkit.comfy_runtime import pack_module
 
 PROBE_SIGMA = 0.7
 PROBE_SEED = 3

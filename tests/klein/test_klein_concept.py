@@ -8,7 +8,7 @@ import pytest
 import safetensors
 import torch
 
-from tests.harness.graph import Graph
+from devkit.graph import Graph
 from tests.klein.klein_graphs import (
     CONCEPT_INSTRUCTION,
     GENERATION_STEPS,
@@ -17,7 +17,7 @@ from tests.klein.klein_graphs import (
     load_klein,
     reference_teacher,
 )
-from tests.harness.comfy_runtime import pack_module
+from devkit.comfy_runtime import pack_module
 from tests.klein.klein_probe import relative_change, sample_with_noise, x0_for_two_images
 
 LORA_NAME = "dopsd/e2e_klein_concept"

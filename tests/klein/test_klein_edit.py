@@ -7,7 +7,7 @@ import pytest
 import safetensors
 import torch
 
-from tests.harness.graph import Graph
+from devkit.graph import Graph
 from tests.klein.klein_graphs import EDIT_INSTRUCTION, dataset, edit_fine_tune_then_generate, edit_teacher, load_klein
 from tests.klein.klein_probe import predict_x0, relative_change, sample_with_noise
 

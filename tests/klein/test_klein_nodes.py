@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from tests.harness.graph import Graph
-from tests.harness.node_errors import node_error_message
+from devkit.graph import Graph
+from tests.node_errors import node_error_message
 from tests.klein.klein_data import save, scene
 from tests.klein.klein_graphs import (
     PUBLISHED_SCHEDULE,
@@ -18,7 +18,7 @@ from tests.klein.klein_graphs import (
     per_image_schedule,
     reference_teacher,
 )
-from tests.harness.comfy_runtime import pack_module
+from devkit.comfy_runtime import pack_module
 from dopsd_core import flux2_klein_sigmas, flux2_klein_training_sigmas
 
 
@@ -28,7 +28,7 @@ def run_to_preview(comfy, build):
     loader = load_klein(g)
     training_set = build(g, loader)
     preview = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=training_set,
-                     sigmas=loader.out(4), pair_index=0, prompt_variant=0, seed=0)
+                     sigmas=loader.out(4), image_index=0, prompt_variant=0, seed=0)
     g.node("PreviewImage", images=preview)
     return comfy.run(g.to_api())
 
@@ -163,7 +163,7 @@ def test_preview_rolls_each_image_out_on_its_own_schedule_as_training_does(comfy
 
     def preview(training_set, sigmas):
         node = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=training_set,
-                      sigmas=sigmas, pair_index=0, prompt_variant=0, seed=0)
+                      sigmas=sigmas, image_index=0, prompt_variant=0, seed=0)
         g.node("PreviewImage", images=node)
         return node
 
@@ -204,7 +204,7 @@ def test_preview_refuses_per_image_schedules_with_another_step_count(comfy, klei
         g, loader, dataset(g, klein_reference_folders[0])), training_sigmas=loader.out(4), schedule=PUBLISHED_SCHEDULE)
     three_steps = g.node("Flux2Scheduler", steps=3, width=64, height=64)
     preview = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=scheduled,
-                     sigmas=three_steps, pair_index=0, prompt_variant=0, seed=0)
+                     sigmas=three_steps, image_index=0, prompt_variant=0, seed=0)
     g.node("PreviewImage", images=preview)
     message = node_error_message(comfy.run(g.to_api()), "DOPSDRolloutPreview")
     assert "per-image schedules have [4] steps but sigmas has 3" in message

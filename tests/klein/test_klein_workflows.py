@@ -14,8 +14,8 @@ import pytest
 import safetensors
 from PIL import Image
 
-from tests.harness.paths import REPO_ROOT
-from tests.harness.ui_workflow import input_spec_from_object_info, to_api
+from devkit.paths import REPO_ROOT
+from devkit.ui_workflow import input_spec_from_object_info, to_api
 from tests.klein.klein_data import save, scene, write_concept_folder, write_edit_folder
 from tests.klein.klein_graphs import IMAGE_SCALE_MIN_MEGAPIXELS, TEXT_ENCODER_TYPE_0_3_75, TINY_MEGAPIXELS
 from scripts.make_workflows import klein_concept_workflow, klein_edit_workflow

@@ -14,8 +14,8 @@ import weakref
 
 import torch
 
-from tests.harness.comfy_runtime import pack_module
-from tests.harness.graph import Graph
+from devkit.comfy_runtime import pack_module
+from devkit.graph import Graph
 from tests.zimage.zimage_graphs import load_family, train, training_set
 
 RANK = 16  # large enough that a leaked adapter or optimizer state would stand out from measurement noise

@@ -19,9 +19,9 @@ import subprocess
 
 import pytest
 
-from tests.fixtures.tiny_dataset import write_concept_images
-from tests.harness.comfy_runtime import pack_module
-from tests.harness.graph import Graph
+from devkit.tiny_dataset import write_concept_images
+from devkit.comfy_runtime import pack_module
+from devkit.graph import Graph
 from tests.zimage.zimage_graphs import TINY_MEGAPIXELS, fine_tune_then_generate, load_family, train, training_set
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.fixtures.tiny_vlm import MATCHING_VISION_FILE
-from tests.harness.comfy_runtime import pack_module
-from tests.harness.graph import Graph
+from devkit.tiny_vlm import MATCHING_VISION_FILE
+from devkit.comfy_runtime import pack_module
+from devkit.graph import Graph
 from tests.klein.klein_graphs import TRAIN_DEFAULTS, dataset, load_klein, reference_teacher
-from tests.harness.node_errors import assert_node_error
+from tests.node_errors import assert_node_error
 from tests.zimage.zimage_graphs import load_family
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dopsd_core import DualLora, LoraSpec
-from tests.harness.comfy_runtime import pack_module
+from devkit.comfy_runtime import pack_module
 
 RANK = 64
 

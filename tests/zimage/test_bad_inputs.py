@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 
-from tests.fixtures.tiny_dataset import write_concept_images
-from tests.fixtures.tiny_vlm import MISMATCHED_VISION_FILE
-from tests.harness.graph import Graph
-from tests.harness.node_errors import assert_node_error
+from devkit.tiny_dataset import write_concept_images
+from devkit.tiny_vlm import MISMATCHED_VISION_FILE
+from devkit.graph import Graph
+from tests.node_errors import assert_node_error
 from tests.zimage.zimage_graphs import TINY_MEGAPIXELS, load_family, train, training_set
 
 

@@ -5,7 +5,7 @@ import json
 
 import safetensors
 
-from tests.harness.example_job import TINY_SETTINGS, WORKFLOW, example_graph, prepare_base, run_example
+from devkit.example_job import TINY_SETTINGS, WORKFLOW, example_graph, prepare_base, run_example
 
 
 def test_converted_workflow_has_every_active_node_and_no_muted_one(comfy):

@@ -8,8 +8,8 @@ import pytest
 import safetensors
 import torch
 
-from tests.harness.graph import Graph
-from tests.harness.comfy_runtime import pack_module
+from devkit.graph import Graph
+from devkit.comfy_runtime import pack_module
 from tests.klein.klein_probe import sample_with_noise
 from tests.zimage.zimage_graphs import fine_tune_then_generate, load_family, train, training_set
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.harness.graph import Graph
+from devkit.graph import Graph
 from tests.klein.klein_data import write_single_image_folder
 from tests.klein.klein_probe import relative_change, x0_for_two_images
 from tests.zimage.zimage_graphs import load_family, train, training_set

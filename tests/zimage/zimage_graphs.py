@@ -1,8 +1,8 @@
 """API-format graphs of the Z-Image fine-tune-then-generate pipeline on the tiny models."""
 from __future__ import annotations
 
-from tests.fixtures.tiny_vlm import MATCHING_VISION_FILE
-from tests.harness.graph import Graph, NodeRef
+from devkit.tiny_vlm import MATCHING_VISION_FILE
+from devkit.graph import Graph, NodeRef
 
 TINY_MEGAPIXELS = 64 * 64 / 1_000_000
 TRAIN_DEFAULTS = dict(

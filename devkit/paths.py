@@ -6,9 +6,9 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_DIR_NAME = "comfyui-dopsd"
-TEST_PATCHES_DIR = REPO_ROOT / "tests" / "fixtures" / "comfy_test_patches"
+TEST_PATCHES_DIR = REPO_ROOT / "devkit" / "tiny_model_patches"
 # The ComfyUI releases the suite runs against (scripts/comfy_versions.sh): version key -> provisioned folder.
 COMFYUI_FOLDERS = {"0.3.75": "ComfyUI-0.3.75", "0.33": "ComfyUI-0.33.0"}
 COMFY033_VENV = REPO_ROOT / ".venv-comfy033"

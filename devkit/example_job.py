@@ -10,12 +10,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.fixtures.tiny_dataset import write_concept_images
-from tests.fixtures.tiny_models import write_tiny_models
-from tests.fixtures.tiny_vlm import write_tiny_vision_towers
-from tests.harness.comfy_runtime import ComfyRuntime, GraphRun
-from tests.harness.paths import REPO_ROOT
-from tests.harness.ui_workflow import input_spec_from_object_info, to_api
+from devkit.tiny_dataset import write_concept_images
+from devkit.tiny_models import write_tiny_models
+from devkit.tiny_vlm import write_tiny_vision_towers
+from devkit.comfy_runtime import ComfyRuntime, GraphRun
+from devkit.paths import REPO_ROOT
+from devkit.ui_workflow import input_spec_from_object_info, to_api
 
 WORKFLOW = REPO_ROOT / "workflows" / "zimage_turbo_dopsd_finetune_then_generate.json"
 DATASET_FOLDER = "dopsd/my_concept"
