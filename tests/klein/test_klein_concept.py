@@ -100,7 +100,7 @@ def test_the_teachers_prediction_follows_the_reference_image_and_the_students_do
     loader = load_klein(g)
     sets = [reference_teacher(g, loader, dataset(g, folder)) for folder in klein_reference_folders]
     previews = [g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=s,
-                       sigmas=loader.out(4), pair_index=0, prompt_variant=0, seed=0) for s in sets]
+                       sigmas=loader.out(4), image_index=0, prompt_variant=0, seed=0) for s in sets]
     for preview in previews:
         g.node("PreviewImage", images=preview)
     run = comfy.run(g.to_api())

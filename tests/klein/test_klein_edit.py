@@ -63,7 +63,7 @@ def test_the_teacher_follows_the_target_the_student_only_the_sources(comfy, klei
     sets = {name: edit_teacher(g, loader, dataset(g, folder)) for name, folder in folders.items()}
     for training_set in sets.values():
         preview = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=training_set,
-                         sigmas=loader.out(4), pair_index=0, prompt_variant=0, seed=0)
+                         sigmas=loader.out(4), image_index=0, prompt_variant=0, seed=0)
         g.node("PreviewImage", images=preview)
     run = comfy.run(g.to_api())
     assert run.success, run.error or run.node_errors

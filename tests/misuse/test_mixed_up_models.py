@@ -32,7 +32,7 @@ def zimage_vae_in_klein_teacher(g: Graph, concept_folder: str, klein_folder: str
     pairs = g.node("DOPSDTeacherContextReference", clip=klein.out(1), vae=zimage.out(2),
                    dataset=dataset(g, klein_folder), instruction="Keep the subject.")
     preview = g.node("DOPSDRolloutPreview", model=klein.out(0), vae=klein.out(2), training_set=pairs,
-                     sigmas=klein.out(4), pair_index=0, prompt_variant=0, seed=0)
+                     sigmas=klein.out(4), image_index=0, prompt_variant=0, seed=0)
     g.node("PreviewImage", images=preview)
     return "DOPSDRolloutPreview"
 

@@ -46,7 +46,7 @@ def fine_tune_then_generate(folder: str, lora_name: str, **train_overrides) -> t
     loader = load_family(g)
     pairs = training_set(g, loader, folder)
     preview = g.node("DOPSDRolloutPreview", model=loader.out(0), vae=loader.out(2), training_set=pairs,
-                     sigmas=loader.out(4), pair_index=0, prompt_variant=0, seed=0)
+                     sigmas=loader.out(4), image_index=0, prompt_variant=0, seed=0)
     g.node("PreviewImage", images=preview)
     trained = train(g, loader, pairs, **train_overrides)
     loss_graph = g.node("LossGraphNode", loss=trained.out(2), filename_prefix="dopsd_loss")
