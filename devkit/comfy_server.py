@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, base: Path, log_path: Path, extra_flags: tuple[str, ...] = ()):
+    def __init__(self, base: Path, log_path: Path, extra_flags: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.base = base
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -31,7 +32,8 @@ class ComfyServer:
             "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch", *extra_flags,
         ]
         self._log = open(log_path, "w")
-        self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(cmd, cwd=comfyui_dir(), stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 120.0) -> "ComfyServer":
         deadline = time.monotonic() + timeout

@@ -5,7 +5,17 @@ Nothing here imports ComfyUI; the node layer adapts ComfyUI objects to these bui
 
 from .adapters import ROLES, AdapterState, DualLora, LoraSpec, find_target_modules, lora_tensors
 from .autograd_safety import allow_inplace_residuals, make_weights_autograd_safe
-from .checkpoints import Checkpoint, latest_checkpoint, load_adapter_state, load_checkpoint, save_adapter_state
+from .checkpoints import (
+    Checkpoint,
+    CheckpointSearch,
+    checkpoint_damage,
+    latest_checkpoint,
+    load_adapter_state,
+    load_checkpoint,
+    newest_intact_checkpoint,
+    prune_checkpoints,
+    save_adapter_state,
+)
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, distillation_loss, flow_matching_loss, velocity_loss, x0_loss
 from .rollout import RolloutStep, append_dims, euler_step, noise_latent, rollout, rollout_preview
@@ -33,6 +43,10 @@ __all__ = [
     "make_weights_autograd_safe",
     "Checkpoint",
     "latest_checkpoint",
+    "newest_intact_checkpoint",
+    "prune_checkpoints",
+    "checkpoint_damage",
+    "CheckpointSearch",
     "load_adapter_state",
     "load_checkpoint",
     "save_adapter_state",

@@ -1,17 +1,21 @@
-"""Training checkpoints: one folder ``step_{N:06d}`` per save, written atomically.
+"""Training checkpoints: one folder ``step_{N:06d}`` per save, written atomically, that verifies itself.
 
 A folder holds ``student.safetensors`` and ``teacher.safetensors`` (one adapter each, keys
-``{module}.lora_down.weight``, ``{module}.lora_up.weight``, ``{module}.alpha``) and
-``trainer_state.pt`` (optimizer, step, random generator states, config). It is assembled in a
-hidden temporary folder beside its final name and renamed into place, so a crash never leaves a
-partial checkpoint under a ``step_*`` name.
+``{module}.lora_down.weight``, ``{module}.lora_up.weight``, ``{module}.alpha``),
+``trainer_state.pt`` (optimizer, step, random generator states, config) and, written last,
+``manifest.json`` with every file's size and sha256. It is assembled in a hidden temporary folder
+beside its final name and renamed into place, so a crash never leaves a partial checkpoint under a
+``step_*`` name; a checkpoint damaged afterwards (a truncated copy, a failing disk) no longer matches
+its manifest, and ``newest_intact_checkpoint`` passes over it (without deleting it) to an older one.
 """
 
+import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,10 @@ from .adapters import AdapterState, lora_tensors
 STUDENT_FILE = "student.safetensors"
 TEACHER_FILE = "teacher.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
+CHECKPOINT_FILES = (STUDENT_FILE, TEACHER_FILE, TRAINER_STATE_FILE)
 _CHECKPOINT_NAME = re.compile(r"step_(\d{6,})")
+_STAGING_NAME = re.compile(r"\.step_\d{6,}\..*\.(partial|old)")
 
 
 @dataclass(frozen=True)
@@ -66,8 +73,15 @@ def save_checkpoint(
         save_adapter_state(student, staging / STUDENT_FILE)
         save_adapter_state(teacher, staging / TEACHER_FILE)
         torch.save(trainer_state, staging / TRAINER_STATE_FILE)
-        for file in staging.iterdir():
-            _fsync(file)
+        for name in CHECKPOINT_FILES:
+            _fsync(staging / name)
+        (staging / MANIFEST_FILE).write_text(json.dumps(
+            {name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+             for name in CHECKPOINT_FILES}, indent=1))
+        _fsync(staging / MANIFEST_FILE)
+        if final.exists() and checkpoint_damage(final) is not None:
+            # A damaged checkpoint is the user's evidence and maybe recoverable: keep it under another name.
+            os.replace(final, _unused_name(folder, f"{final.name}.damaged"))
         if final.exists():
             # Directories cannot be renamed onto non-empty ones; move the old one aside first.
             superseded = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=folder))
@@ -94,17 +108,97 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     )
 
 
+def checkpoint_damage(path: str | os.PathLike, check_hashes: bool = True) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted, or None when every file matches its manifest (sizes, and
+    sha256 sums unless ``check_hashes`` is off). Checkpoints written before manifests existed are checked by reading
+    them whole."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        try:
+            load_checkpoint(path)
+        except Exception as err:  # noqa: BLE001 — any failure to read it is damage, reported with its cause
+            return f"unreadable ({type(err).__name__}: {err})"
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected = {name: (int(manifest[name]["bytes"]), str(manifest[name]["sha256"])) for name in CHECKPOINT_FILES}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST_FILE} is unreadable ({err})"
+    for name, (size, digest) in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if check_hashes and _sha256(file) != digest:
+            return f"{name} does not match the checksum written with it"
+    return None
+
+
+@dataclass(frozen=True)
+class CheckpointSearch:
+    """The newest checkpoint fit to resume from (None if there is none), and the newer ones passed over with the
+    reason, newest first."""
+
+    checkpoint: Path | None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def newest_intact_checkpoint(folder: str | os.PathLike) -> CheckpointSearch:
+    """Walk the ``step_*`` checkpoints in ``folder`` from the newest down and stop at the first intact one."""
+    skipped = []
+    for path in reversed(_checkpoints(folder)):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return CheckpointSearch(path, skipped)
+        skipped.append((path, damage))
+    return CheckpointSearch(None, skipped)
+
+
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step in ``folder``, or None."""
+    """The complete checkpoint with the highest step in ``folder``, or None (damage is not checked: see
+    ``newest_intact_checkpoint``)."""
+    complete = [path for path in _checkpoints(folder) if (path / TRAINER_STATE_FILE).is_file()]
+    return complete[-1] if complete else None
+
+
+def prune_checkpoints(folder: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the ``keep_last`` newest intact checkpoints in ``folder`` (0 keeps all), and the staging
+    folders a killed save left behind. Damaged checkpoints are never deleted. Returns what was deleted."""
+    folder = Path(folder)
+    deleted = [entry for entry in folder.iterdir() if entry.is_dir() and _STAGING_NAME.fullmatch(entry.name)] \
+        if folder.is_dir() else []
+    if keep_last > 0:
+        # Sizes only: hashing every kept checkpoint at each save would cost seconds per gigabyte.
+        intact = [path for path in _checkpoints(folder) if checkpoint_damage(path, check_hashes=False) is None]
+        deleted += intact[:-keep_last]
+    for path in deleted:
+        shutil.rmtree(path)
+    return deleted
+
+
+def _checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The ``step_*`` folders in ``folder``, oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
-        return None
-    steps = {
-        int(match[1]): entry
-        for entry in folder.iterdir()
-        if (match := _CHECKPOINT_NAME.fullmatch(entry.name)) and (entry / TRAINER_STATE_FILE).is_file()
-    }
-    return steps[max(steps)] if steps else None
+        return []
+    steps = {int(match[1]): entry for entry in folder.iterdir()
+             if (match := _CHECKPOINT_NAME.fullmatch(entry.name)) and entry.is_dir()}
+    return [steps[step] for step in sorted(steps)]
+
+
+def _unused_name(folder: Path, name: str) -> Path:
+    candidates = (folder / (name if n == 0 else f"{name}-{n}") for n in range(1_000_000))
+    return next(path for path in candidates if not path.exists())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import DualLora
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, LossSpace, distillation_loss, flow_matching_loss
 from .rollout import append_dims, noise_latent, rollout
@@ -87,7 +87,8 @@ class TrainConfig:
     on CUDA and float32 elsewhere. ``loss_space`` applies to D-OPSD; SFT always uses the
     rectified-flow velocity loss. SFT draws its noise level as ``sigmoid(N(sft_logit_mean,
     sft_logit_std^2))`` for "logit_normal" (SD3's choice, weighting mid-trajectory levels) or
-    from U(0, 1] for "uniform". ``checkpoint_every`` > 0 saves to ``checkpoint_dir`` that often.
+    from U(0, 1] for "uniform". ``checkpoint_every`` > 0 saves to ``checkpoint_dir`` that often, keeping the
+    ``keep_last`` newest intact checkpoints there (0: all).
     """
 
     objective: Literal["dopsd", "sft"] = "dopsd"
@@ -105,6 +106,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
+    keep_last: int = 0
     sft_sigma_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     sft_logit_mean: float = 0.0
     sft_logit_std: float = 1.0
@@ -121,6 +123,8 @@ class TrainConfig:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
         if self.gradient_accumulation < 1:
             raise ValueError(f"gradient_accumulation must be at least 1, got {self.gradient_accumulation}")
+        if self.keep_last < 0:
+            raise ValueError(f"keep_last must be 0 (keep all) or more, got {self.keep_last}")
         if self.checkpoint_every > 0 and not self.checkpoint_dir:
             raise ValueError("checkpoint_every > 0 needs a checkpoint_dir")
 
@@ -184,6 +188,7 @@ class Trainer:
                 )
         self.checkpointed_modules = list(checkpointed_modules)
         self.step = 0
+        self.loss_history: list[float] = []  # one loss per completed step, kept across resumes
         self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.AdamW(
             adapters.student_parameters(),
@@ -214,6 +219,7 @@ class Trainer:
         with self._training_scope():
             while self.step < last_step:
                 reports.append(self._optimizer_step(should_cancel or _never))
+                self.loss_history.append(reports[-1].loss)
                 if on_step is not None:
                     on_step(reports[-1])
                 if self.config.checkpoint_every > 0 and self.step % self.config.checkpoint_every == 0:
@@ -229,11 +235,14 @@ class Trainer:
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
             "random": self._random_state(),
+            "losses": list(self.loss_history),
             "config": dataclasses.asdict(self.config),
         }
-        return save_checkpoint(
+        saved = save_checkpoint(
             folder, self.step, self.adapters.student_state(), self.adapters.teacher_state(), trainer_state
         )
+        prune_checkpoints(folder, self.config.keep_last)
+        return saved
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint written by ``save_checkpoint``; on CPU the continuation is
@@ -242,6 +251,7 @@ class Trainer:
         self.adapters.load_state(checkpoint.student, checkpoint.teacher)
         self.optimizer.load_state_dict(checkpoint.trainer_state["optimizer"])
         self.step = checkpoint.trainer_state["step"]
+        self.loss_history = list(checkpoint.trainer_state.get("losses", []))  # older checkpoints have none
         self._set_random_state(checkpoint.trainer_state["random"])
 
     def accumulate_gradients(self, should_cancel: Callable[[], bool] | None = None) -> Tensor:

@@ -1,6 +1,7 @@
 """Dataset nodes: image–text pairs from a folder under ComfyUI's input directory, or from IMAGE + text in the graph."""
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass
@@ -13,10 +14,14 @@ from comfy_api.latest import io
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..dopsd_core.buckets import bucket_size, center_crop_box
-from .errors import node_error
+from .errors import node_error, node_name
+from .node_text import report
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIX = ".txt"
 METADATA_FILE = "metadata.jsonl"
+# Windows editors in Western locales save "ANSI" text in this code page; other bytes that are not UTF-8 are refused.
+FALLBACK_ENCODING = "cp1252"
 CAPTION_BLOCK_SEPARATOR = "---"
 DATASET = io.Custom("DOPSD_DATASET")
 
@@ -55,6 +60,24 @@ def to_bucket(image: Image.Image, megapixels: float, multiple: int) -> torch.Ten
     width, height = bucket_size(image.width, image.height, int(megapixels * 1_000_000), multiple)
     image = image.crop(center_crop_box(image.width, image.height, width, height)).resize((width, height), Image.LANCZOS)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def read_text(path: Path, node) -> tuple[str, str | None]:
+    """A caption or metadata file's text, and the encoding named when it was not UTF-8: UTF-8 with or without BOM,
+    UTF-16 with BOM, else Windows-1252 (reported, so that a wrong guess never passes unnoticed)."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16"), None
+    if b"\x00" not in data:  # NUL bytes are valid UTF-8, but in a caption they mean UTF-16 without a BOM
+        try:
+            return data.decode("utf-8-sig"), None
+        except UnicodeDecodeError:
+            try:
+                return data.decode(FALLBACK_ENCODING), "Windows-1252"
+            except UnicodeDecodeError:
+                pass
+    raise node_error(node, f"cannot tell the text encoding of '{path.name}'",
+                     "save it as UTF-8 (in Notepad: Save As, Encoding 'UTF-8')")
 
 
 def resolve_dataset_folder(folder: str, allow_outside_input: bool, node) -> Path:
@@ -112,7 +135,10 @@ def read_records(folder: Path, node) -> list[Record]:
     metadata = folder / METADATA_FILE
     if metadata.is_file():
         records = []
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        text, encoding = read_text(metadata, node)
+        if encoding:
+            report(node_name(node), f"{METADATA_FILE} is not UTF-8; read it as {encoding}")
+        for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -122,12 +148,22 @@ def read_records(folder: Path, node) -> list[Record]:
                                  METADATA_FORMATS) from err
             records.append(parse_record(folder, record, number, node))
     else:
-        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+        images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        missing = [p.name for p in images if not p.with_suffix(CAPTION_SUFFIX).is_file()]
         if missing:
             raise node_error(node, f"{len(missing)} image(s) have no caption file: {', '.join(missing[:5])}",
                              "add a .txt file with the same name next to each image (one prompt variant per line)")
-        records = [Record(p, caption_variants(p.with_suffix(".txt").read_text(encoding="utf-8"))) for p in images]
+        records, not_utf8 = [], []
+        for image in images:
+            text, encoding = read_text(image.with_suffix(CAPTION_SUFFIX), node)
+            records.append(Record(image, caption_variants(text)))
+            if encoding:
+                not_utf8.append(image.with_suffix(CAPTION_SUFFIX).name)
+        notices = unused_files_notice(folder, images)
+        if not_utf8:
+            notices.append(f"read {len(not_utf8)} caption(s) that are not UTF-8 as Windows-1252: {names(not_utf8)}")
+        if notices:
+            report(node_name(node), "; ".join(notices))
     if not records:
         raise node_error(node, f"no images found in {folder}",
                          f"add {', '.join(IMAGE_SUFFIXES)} images with same-name .txt captions, or a {METADATA_FILE}")
@@ -135,6 +171,26 @@ def read_records(folder: Path, node) -> list[Record]:
     if empty:
         raise node_error(node, f"empty caption for: {', '.join(empty[:5])}", "write at least one prompt per image")
     return records
+
+
+def names(files: list[str], shown: int = 5) -> str:
+    return ", ".join(files[:shown]) + (f" and {len(files) - shown} more" if len(files) > shown else "")
+
+
+def unused_files_notice(folder: Path, images: list[Path]) -> list[str]:
+    """What in the folder is not part of the dataset, so a misnamed caption or an unsupported image is noticed:
+    captions without an image, and files of other types (hidden files and folders are passed over silently)."""
+    used = {p.name for p in images} | {p.with_suffix(CAPTION_SUFFIX).name for p in images}
+    unused = sorted(p.name for p in folder.iterdir() if p.name not in used and not p.name.startswith("."))
+    orphans = [name for name in unused if name.endswith(CAPTION_SUFFIX)]
+    others = [name for name in unused if not name.endswith(CAPTION_SUFFIX)]
+    notices = []
+    if orphans:
+        notices.append(f"{len(orphans)} caption(s) without an image were not used: {names(orphans)}")
+    if others:
+        kinds = "/".join(suffix.lstrip(".") for suffix in IMAGE_SUFFIXES)
+        notices.append(f"{len(others)} file(s) or folder(s) that are not {kinds} images were not used: {names(others)}")
+    return notices
 
 
 def load_image(path: Path, node) -> Image.Image:

@@ -6,8 +6,11 @@ class DOPSDInputError(ValueError):
     """Bad user input; raised before anything is changed, so models and files stay intact."""
 
 
-def node_error(node, problem: str, fix: str) -> DOPSDInputError:
+def node_name(node) -> str:
     # ComfyUI runs a V3 node as a shallow clone of its class named '<Node>Clone'; name the node itself.
-    name = node if isinstance(node, str) else next(
+    return node if isinstance(node, str) else next(
         (c.__name__ for c in node.__mro__ if not c.__name__.endswith("Clone")), node.__name__)
-    return DOPSDInputError(f"{name}: {problem}. How to fix: {fix}.")
+
+
+def node_error(node, problem: str, fix: str) -> DOPSDInputError:
+    return DOPSDInputError(f"{node_name(node)}: {problem}. How to fix: {fix}.")

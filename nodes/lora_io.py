@@ -1,6 +1,7 @@
 """LoRA files: ComfyUI's key format, saving into models/loras, and applying a LoRA the way the stock loader does."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -104,6 +105,8 @@ def loras_root() -> Path:
 def save_lora_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write atomically: a temporary file in the same folder, renamed over the final name only when complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{glob.escape(path.stem)}.*.tmp"):
+        leftover.unlink(missing_ok=True)  # left by a save that was killed mid-write
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

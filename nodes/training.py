@@ -13,9 +13,7 @@ import folder_paths
 import latent_preview
 import torch
 from comfy_api.latest import io
-from comfy_execution.utils import get_executing_context
 from safetensors import SafetensorError
-from server import PromptServer
 
 from ..dopsd_core import (
     DualLora,
@@ -29,7 +27,7 @@ from ..dopsd_core import (
     allow_inplace_residuals,
     flux2_image_tokens,
     make_weights_autograd_safe,
-    latest_checkpoint,
+    newest_intact_checkpoint,
     rollout,
     validate_sigmas,
 )
@@ -47,6 +45,7 @@ from .families import (
 from .item_schedules import require_matching_step_count
 from .loading import BASE_MODEL_NAME_OPTION
 from .lora_io import TrainedLora, apply_lora, comfy_lora_tensors, output_slice_layout
+from .node_text import running_node_id, show_on_node
 from .model_bridge import (
     ModelSession,
     explain_unreadable_conditioning,
@@ -133,6 +132,9 @@ class DOPSDTrain(io.ComfyNode):
                 io.Boolean.Input("resume", default=False, tooltip="Continue from the newest checkpoint in the folder."),
                 io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
                              tooltip="Every N steps, roll out the student for the first pair and show it (0: at the end only)."),
+                io.Int.Input("keep_last", default=3, min=0, max=1_000_000,
+                             tooltip="Keep only this many of the newest checkpoints in the folder (0: all), so long "
+                                     "runs do not fill the disk. Damaged checkpoints are never deleted."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA applied."),
@@ -145,7 +147,8 @@ class DOPSDTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, training_set, training_sigmas, objective, steps, learning_rate, rank, alpha, lora_init,
                 ema_decay, loss_space, gradient_accumulation, warmup_steps, seed, lora_targets, custom_lora_targets,
-                gradient_checkpointing, checkpoint_every, checkpoint_folder, resume, preview_every) -> io.NodeOutput:
+                gradient_checkpointing, checkpoint_every, checkpoint_folder, resume, preview_every,
+                keep_last) -> io.NodeOutput:
         require_flow_model(model, cls)
         try:
             sigmas = validate_sigmas(training_sigmas)
@@ -164,6 +167,7 @@ class DOPSDTrain(io.ComfyNode):
             objective=OBJECTIVES[objective], steps=steps, learning_rate=learning_rate, ema_decay=ema_decay,
             loss_space=loss_space, gradient_accumulation=gradient_accumulation, warmup_steps=warmup_steps,
             seed=seed, checkpoint_every=checkpoint_every, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+            keep_last=keep_last,
         )
         with torch.inference_mode(False), torch.enable_grad():
             spec = LoraSpec(rank, alpha, targets, init=LORA_INITS[lora_init], seed=seed, output_slices=output_slices)
@@ -257,12 +261,12 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
         with adapters, allow_inplace_residuals(blocks):
             trainer = Trainer(session.predict_x0, adapters, items, sigmas.to(session.device), config, session.device,
                               checkpointed_modules=blocks if gradient_checkpointing else ())
-            if resume:
-                resume_from_latest(trainer, config.checkpoint_dir)
-            monitor = TrainingMonitor(session, model.model.latent_format, trainer, preview_every)
+            notice = resume_from_newest_intact(trainer, config.checkpoint_dir) if resume else None
+            monitor = TrainingMonitor(session, model.model.latent_format, trainer, preview_every, notice)
             run_to_the_end(trainer, monitor)
             lora = comfy_lora_tensors(adapters.student_state(), LORA_DTYPE, file_keys)
-            return lora, monitor.losses, monitor.previews()
+            # The whole run's losses, also those of the steps before a resume (the loss graph shows the run).
+            return lora, list(trainer.loss_history), monitor.previews()
 
 
 def prepare_items(session: ModelSession, training_set: list[EncodedItem], latent_shape) -> list[TrainingItem]:
@@ -309,35 +313,31 @@ def run_to_the_end(trainer: Trainer, monitor: "TrainingMonitor") -> None:
 
 class TrainingMonitor:
     """What the user sees while training: ComfyUI's progress bar with a preview image every `preview_every` steps, the
-    step, loss and time left as the node's text, and a log line per step. Keeps the losses and preview latents."""
+    step, loss and time left as the node's text (after `notice`, e.g. a damaged checkpoint passed over), and a log
+    line per step. Keeps the preview latents."""
 
-    def __init__(self, session: ModelSession, latent_format, trainer: Trainer, preview_every: int):
-        self.session, self.steps, self.preview_every = session, trainer.config.steps, preview_every
+    def __init__(self, session: ModelSession, latent_format, trainer: Trainer, preview_every: int,
+                 notice: str | None = None):
+        self.session, self.steps, self.preview_every, self.notice = session, trainer.config.steps, preview_every, notice
         first = trainer.items[0]
         self.preview = StudentPreview(session, first, trainer.schedule_for(first), trainer.adapters)
         self.previewer = latent_preview.get_previewer(session.device, latent_format)
         self.progress = comfy.utils.ProgressBar(self.steps)
         self.progress.update_absolute(trainer.step)
-        # The node's id comes from the executor's context, not a hidden UNIQUE_ID input: ComfyUI puts the id of
-        # nodes that declare one into their cache key (V1 nodes in 0.3.75), and a copied Train node would retrain.
-        self.context = get_executing_context()
+        self.node_id = running_node_id()
         self.start_step, self.started = trainer.step, time.perf_counter()
-        self.losses: list[float] = []
         self.preview_latents: list[torch.Tensor] = []
 
     def on_step(self, report: StepReport) -> None:
-        self.losses.append(report.loss)
         shown = None
         if self.preview_every and report.step % self.preview_every == 0:
             latent = self.render_preview()
             if self.previewer is not None:
                 shown = self.previewer.decode_latent_to_preview_image("JPEG", latent)
         self.progress.update_absolute(report.step, self.steps, shown)
-        if self.context is not None:
-            seconds_per_step = (time.perf_counter() - self.started) / (report.step - self.start_step)
-            # Called as ComfyUI's own nodes call it (text, node id): headless runners stub exactly that.
-            PromptServer.instance.send_progress_text(
-                progress_text(report.step, self.steps, report.loss, seconds_per_step), self.context.node_id)
+        seconds_per_step = (time.perf_counter() - self.started) / (report.step - self.start_step)
+        text = progress_text(report.step, self.steps, report.loss, seconds_per_step)
+        show_on_node(f"{self.notice}\n{text}" if self.notice else text, self.node_id)
         logging.info("DOPSDTrain step %d/%d loss %.5f grad-norm %.3f", report.step, self.steps, report.loss,
                      report.grad_norm)
 
@@ -363,17 +363,26 @@ def to_training_item(session: ModelSession, item: EncodedItem) -> TrainingItem:
     )
 
 
-def resume_from_latest(trainer: Trainer, folder: str) -> None:
-    checkpoint = latest_checkpoint(folder)
-    if checkpoint is None:
+def resume_from_newest_intact(trainer: Trainer, folder: str) -> str | None:
+    """Load the newest intact checkpoint in `folder` into `trainer` (none yet: start at step 0). Damaged newer ones
+    are passed over and left in place; returns what the node should tell the user about them, or None."""
+    search = newest_intact_checkpoint(folder)
+    passed_over = "; ".join(f"{path.name} is damaged ({reason}) and was left in place" for path, reason in search.skipped)
+    for path, reason in search.skipped:
+        logging.warning("DOPSDTrain: passing over the damaged checkpoint %s: %s", path, reason)
+    if search.checkpoint is None:
+        if search.skipped:
+            raise node_error(DOPSDTrain, f"no intact checkpoint to resume from in {folder}: {passed_over}",
+                             "restore a checkpoint from a backup, or turn resume off to start over")
         logging.info("DOPSDTrain: no checkpoint in %s yet; starting from step 0", folder)
-        return
+        return None
     try:
-        trainer.resume(checkpoint)
+        trainer.resume(search.checkpoint)
     except (ValueError, KeyError) as err:
-        raise node_error(DOPSDTrain, f"the checkpoint {checkpoint} does not fit this run ({err})",
+        raise node_error(DOPSDTrain, f"the checkpoint {search.checkpoint} does not fit this run ({err})",
                          "use the rank, alpha and LoRA targets it was trained with, or another checkpoint_folder") from err
-    logging.info("DOPSDTrain: resumed from %s at step %d", checkpoint, trainer.step)
+    logging.info("DOPSDTrain: resumed from %s at step %d", search.checkpoint, trainer.step)
+    return f"resumed from {search.checkpoint.name}: {passed_over}" if search.skipped else None
 
 
 class StudentPreview:

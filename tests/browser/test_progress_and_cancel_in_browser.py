@@ -18,7 +18,7 @@ import numpy as np
 import safetensors
 from PIL import Image
 
-from dopsd_core.checkpoints import STUDENT_FILE, TEACHER_FILE, TRAINER_STATE_FILE, load_checkpoint
+from dopsd_core.checkpoints import CHECKPOINT_FILES, MANIFEST_FILE, checkpoint_damage, load_checkpoint
 from tests.browser.workflow_inputs import api_graph, tiny_settings, write_inputs
 from devkit.graph import Graph
 from devkit.paths import PACK_DIR_NAME, REPO_ROOT
@@ -119,7 +119,8 @@ def test_progress_cancel_and_resume_from_the_ui(page, browser_server, comfy_base
     names = sorted(p.name for p in checkpoints.iterdir())
     assert names and all(re.fullmatch(r"step_\d{6}", n) for n in names), names
     for name in names:
-        assert {p.name for p in (checkpoints / name).iterdir()} == {STUDENT_FILE, TEACHER_FILE, TRAINER_STATE_FILE}
+        assert {p.name for p in (checkpoints / name).iterdir()} == {*CHECKPOINT_FILES, MANIFEST_FILE}
+        assert checkpoint_damage(checkpoints / name) is None
         load_checkpoint(checkpoints / name)
     last = max(int(n.removeprefix("step_")) for n in names)
     assert last >= CHECKPOINT_EVERY and last % CHECKPOINT_EVERY == 0
