@@ -133,6 +133,17 @@ MUTATIONS = (
              "            with torch.no_grad()",
              "            with torch.no_grad()"),),
         (f"{CORE_TRAINER}::test_cancel_mid_rollout_leaves_the_last_completed_step",)),
+    Mutation("damaged_checkpoint_resumed", "resume trusts the newest checkpoint without checking it", (
+        Edit("dopsd_core/checkpoints.py", "        damage = checkpoint_damage(path)\n", "        damage = None\n"),),
+        ("tests/core/test_core_checkpoints.py",)),
+    Mutation("keep_last_ignored", "every checkpoint is kept whatever keep_last says", (
+        Edit("dopsd_core/checkpoints.py", "        deleted += intact[:-keep_last]\n", ""),),
+        ("tests/core/test_core_checkpoints.py",)),
+    Mutation("loss_history_not_restored", "a resumed run's loss graph starts at the resume", (
+        Edit("dopsd_core/trainer.py",
+             '        self.loss_history = list(checkpoint.trainer_state.get("losses", []))  # older checkpoints have none\n',
+             ""),),
+        ("tests/core/test_core_checkpoints.py",)),
 )
 
 
