@@ -100,6 +100,18 @@ def test_resume_with_only_damaged_checkpoints_stops_with_the_fix(comfy, comfy_ba
     assert {p.name: p.read_bytes() for p in (checkpoints / "step_000002").iterdir()} == before
 
 
+def encode_folder(comfy, folder: str):
+    """The training set the VLM teacher node makes of `folder`, and the texts the Dataset node showed."""
+    g = Graph()
+    loader = load_family(g)
+    pairs = training_set(g, loader, folder)
+    g.node("PreviewAny", source=pairs)
+    run = comfy.run(g.to_api())
+    assert run.success, run.error or run.node_errors
+    dataset_id = g.to_api()[pairs.node_id]["inputs"]["dataset"][0]
+    return run.output(pairs.node_id)[0], node_texts(comfy, dataset_id)
+
+
 CAPTION = "the artist’s café, a photo of [trigger]"
 PROMPT = "the artist’s café, a photo of sks fox"
 
@@ -114,16 +126,9 @@ def test_captions_in_the_encodings_editors_save_reach_the_encoder_as_written(com
     shutil.rmtree(folder, ignore_errors=True)
     write_concept_images(folder, count=1)
     (folder / "concept_0.txt").write_bytes(f"{CAPTION}\r\n\r\n{CAPTION} at night\r\n".encode(encoding))
-    g = Graph()
-    loader = load_family(g)
-    pairs = training_set(g, loader, name)
-    g.node("PreviewAny", source=pairs)
-    run = comfy.run(g.to_api())
-    assert run.success, run.error or run.node_errors
-    [item] = run.output(pairs.node_id)[0]
+    [item], shown = encode_folder(comfy, name)
     assert [pair.prompt for pair in item.pairs] == [PROMPT, f"{PROMPT} at night"]
-    dataset_id = g.to_api()[pairs.node_id]["inputs"]["dataset"][0]
-    assert node_texts(comfy, dataset_id) == ([notice] if notice else [])
+    assert shown == ([notice] if notice else [])
 
 
 def test_a_caption_whose_encoding_cannot_be_told_is_refused_with_the_file(comfy, comfy_base, user_files):
@@ -147,14 +152,8 @@ def test_files_that_are_not_part_of_the_dataset_are_reported_on_the_node(comfy, 
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (folder / ".thumbnails").mkdir()
     (folder / ".thumbnails" / "concept_0.png").write_bytes((folder / "concept_0.png").read_bytes())
-    g = Graph()
-    loader = load_family(g)
-    pairs = training_set(g, loader, name)
-    g.node("PreviewAny", source=pairs)
-    run = comfy.run(g.to_api())
-    assert run.success, run.error or run.node_errors
-    assert [item.name for item in run.output(pairs.node_id)[0]] == ["concept_0.png"]
-    dataset_id = g.to_api()[pairs.node_id]["inputs"]["dataset"][0]
-    assert node_texts(comfy, dataset_id) == [
+    items, shown = encode_folder(comfy, name)
+    assert [item.name for item in items] == ["concept_0.png"]
+    assert shown == [
         "1 caption(s) without an image were not used: concept_1.txt; 1 file(s) or folder(s) that are not "
         "png/jpg/jpeg/webp/bmp images were not used: concept_1_renamed.psd"]
