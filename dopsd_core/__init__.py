@@ -3,7 +3,15 @@
 Nothing here imports ComfyUI; the node layer adapts ComfyUI objects to these building blocks.
 """
 
-from .adapters import ROLES, AdapterState, DualLora, LoraSpec, find_target_modules, lora_tensors
+from .adapters import (
+    ROLES,
+    AdapterState,
+    DualLora,
+    LoraSpec,
+    adapter_state_from_tensors,
+    find_target_modules,
+    lora_tensors,
+)
 from .autograd_safety import allow_inplace_residuals, make_weights_autograd_safe
 from .checkpoints import (
     Checkpoint,
@@ -39,6 +47,7 @@ __all__ = [
     "LoraSpec",
     "find_target_modules",
     "lora_tensors",
+    "adapter_state_from_tensors",
     "allow_inplace_residuals",
     "make_weights_autograd_safe",
     "Checkpoint",

@@ -67,6 +67,19 @@ def lora_tensors(state: AdapterState, keys: Mapping[str, str] = {}, dtype: torch
     return tensors
 
 
+def adapter_state_from_tensors(tensors: Mapping[str, Tensor], keys: Mapping[str, str]) -> AdapterState:
+    """The inverse of ``lora_tensors``: the adapters ``keys`` names (adapter name -> its key in the file), as float32
+    tensors. Raises KeyError naming the first tensor the file lacks."""
+    state = {}
+    for name, key in keys.items():
+        down, up, alpha = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
+        missing = next((k for k in (down, up, alpha) if k not in tensors), None)
+        if missing is not None:
+            raise KeyError(missing)
+        state[name] = {"down": tensors[down].float(), "up": tensors[up].float(), "alpha": tensors[alpha].item()}
+    return state
+
+
 def find_target_modules(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
     """Qualified names of the linear layers of ``model`` that ``target_modules`` selects."""
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters import AdapterState, lora_tensors
+from .adapters import AdapterState, adapter_state_from_tensors, lora_tensors
 
 STUDENT_FILE = "student.safetensors"
 TEACHER_FILE = "teacher.safetensors"
@@ -51,14 +51,7 @@ def save_adapter_state(state: AdapterState, path: str | os.PathLike) -> None:
 def load_adapter_state(path: str | os.PathLike) -> AdapterState:
     tensors = load_file(os.fspath(path))
     names = [key.removesuffix(".alpha") for key in tensors if key.endswith(".alpha")]
-    return {
-        name: {
-            "down": tensors[f"{name}.lora_down.weight"],
-            "up": tensors[f"{name}.lora_up.weight"],
-            "alpha": tensors[f"{name}.alpha"].item(),
-        }
-        for name in names
-    }
+    return adapter_state_from_tensors(tensors, {name: name for name in names})
 
 
 def save_checkpoint(

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from comfy_api.latest import io
 
-from ..dopsd_core import AdapterState, find_target_modules, lora_tensors
+from ..dopsd_core import AdapterState, adapter_state_from_tensors, find_target_modules, lora_tensors
 from .errors import node_error
 from .user_paths import resolve_inside
 
@@ -37,8 +37,18 @@ def comfy_lora_tensors(adapter_state: AdapterState, dtype: torch.dtype, slice_ke
                        ) -> dict[str, torch.Tensor]:
     """The diffusion model's adapters as the tensors of a ComfyUI LoRA file: output slices under their keys from
     `output_slice_layout`, every other module under `diffusion_model.<module>` (what comfy.lora maps)."""
-    keys = {module: slice_keys.get(module, DIFFUSION_MODEL_PREFIX + module) for module in adapter_state}
-    return lora_tensors(adapter_state, keys, dtype)
+    return lora_tensors(adapter_state, file_keys(adapter_state, slice_keys), dtype)
+
+
+def adapter_state_from_comfy_lora(tensors: Mapping[str, torch.Tensor], adapter_names: list[str],
+                                  slice_keys: Mapping[str, str]) -> AdapterState:
+    """The inverse of `comfy_lora_tensors`: the named adapters read from a LoRA file's tensors (KeyError names the
+    first one the file lacks)."""
+    return adapter_state_from_tensors(tensors, file_keys(adapter_names, slice_keys))
+
+
+def file_keys(adapter_names, slice_keys: Mapping[str, str]) -> dict[str, str]:
+    return {name: slice_keys.get(name, DIFFUSION_MODEL_PREFIX + name) for name in adapter_names}
 
 
 def output_slice_layout(base_model, target_modules: str) -> tuple[dict[str, list[int]], dict[str, str]]:

@@ -44,7 +44,7 @@ from .families import (
 )
 from .item_schedules import require_matching_step_count
 from .loading import BASE_MODEL_NAME_OPTION
-from .lora_io import TrainedLora, apply_lora, comfy_lora_tensors, output_slice_layout
+from .lora_io import TrainedLora, adapter_state_from_comfy_lora, apply_lora, comfy_lora_tensors, output_slice_layout
 from .node_text import running_node_id, show_on_node
 from .model_bridge import (
     ModelSession,
@@ -58,6 +58,7 @@ from .user_paths import resolve_inside
 OBJECTIVES = {"D-OPSD": "dopsd", "SFT": "sft"}
 LORA_INITS = {"gaussian": "gaussian", "peft default (Kaiming)": "default"}
 LORA_DTYPE = torch.bfloat16
+NO_LORA = "none"
 PREVIEW_SEED = 0
 
 
@@ -135,6 +136,12 @@ class DOPSDTrain(io.ComfyNode):
                 io.Int.Input("keep_last", default=3, min=0, max=1_000_000,
                              tooltip="Keep only this many of the newest checkpoints in the folder (0: all), so long "
                                      "runs do not fill the disk. Damaged checkpoints are never deleted."),
+                io.Combo.Input("start_from_lora", options=[NO_LORA, *folder_paths.get_filename_list("loras")],
+                               default=NO_LORA,
+                               tooltip="Start the student and the teacher from this LoRA instead of from zero: a "
+                                       "second round of training, or D-OPSD on top of an SFT LoRA. It must have been "
+                                       "trained by this node on the same model, targets, rank and alpha. A checkpoint "
+                                       "to resume from takes precedence."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA applied."),
@@ -148,7 +155,7 @@ class DOPSDTrain(io.ComfyNode):
     def execute(cls, model, training_set, training_sigmas, objective, steps, learning_rate, rank, alpha, lora_init,
                 ema_decay, loss_space, gradient_accumulation, warmup_steps, seed, lora_targets, custom_lora_targets,
                 gradient_checkpointing, checkpoint_every, checkpoint_folder, resume, preview_every,
-                keep_last) -> io.NodeOutput:
+                keep_last, start_from_lora) -> io.NodeOutput:
         require_flow_model(model, cls)
         try:
             sigmas = validate_sigmas(training_sigmas)
@@ -171,9 +178,13 @@ class DOPSDTrain(io.ComfyNode):
         )
         with torch.inference_mode(False), torch.enable_grad():
             spec = LoraSpec(rank, alpha, targets, init=LORA_INITS[lora_init], seed=seed, output_slices=output_slices)
+            start = None if start_from_lora == NO_LORA else load_starting_lora(start_from_lora)
             lora, losses, previews = train(model, training_set, sigmas, config, spec, file_keys,
-                                           gradient_checkpointing, resume, preview_every)
-        trained = TrainedLora(lora, lora_metadata(model, training_set, sigmas, config, spec, objective, lora_targets))
+                                           gradient_checkpointing, resume, preview_every, start)
+        metadata = lora_metadata(model, training_set, sigmas, config, spec, objective, lora_targets)
+        if start is not None:
+            metadata["dopsd.started_from"] = start_from_lora
+        trained = TrainedLora(lora, metadata)
         return io.NodeOutput(apply_lora(model, trained), trained, {"loss": losses}, {"samples": previews})
 
 
@@ -246,9 +257,11 @@ TRAINING_OBSERVERS: list[TrainingObserver] = []
 
 
 def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,
-          file_keys: dict[str, str], gradient_checkpointing: bool, resume: bool, preview_every: int):
-    """Train inside a loaded model session: prepare the items, attach the adapters, (resume,) run the trainer while
-    showing progress, export the student. The adapters are always removed again, also on error.
+          file_keys: dict[str, str], gradient_checkpointing: bool, resume: bool, preview_every: int,
+          start: tuple[str, dict] | None = None):
+    """Train inside a loaded model session: prepare the items, attach the adapters (starting from `start`, a LoRA's
+    name and tensors, if given), resume, run the trainer while showing progress, export the student. The adapters
+    are always removed again, also on error.
 
     Items that carry their own schedule (EncodedItem.sigmas) are rolled out on it, the others on `sigmas`."""
     latent_shape = tuple(training_set[0].latent.shape)
@@ -259,6 +272,8 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
         items = prepare_items(session, training_set, latent_shape)
         adapters = attach_adapters(diffusion_model, spec)
         with adapters, allow_inplace_residuals(blocks):
+            if start is not None:
+                start_from(adapters, *start, file_keys, spec)
             trainer = Trainer(session.predict_x0, adapters, items, sigmas.to(session.device), config, session.device,
                               checkpointed_modules=blocks if gradient_checkpointing else ())
             notice = resume_from_newest_intact(trainer, config.checkpoint_dir) if resume else None
@@ -267,6 +282,33 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
             lora = comfy_lora_tensors(adapters.student_state(), LORA_DTYPE, file_keys)
             # The whole run's losses, also those of the steps before a resume (the loss graph shows the run).
             return lora, list(trainer.loss_history), monitor.previews()
+
+
+def load_starting_lora(name: str) -> tuple[str, dict]:
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise node_error(DOPSDTrain, f"start_from_lora: '{name}' is not in the loras folder any more",
+                         "pick another file or 'none'")
+    return name, comfy.utils.load_torch_file(path, safe_load=True)
+
+
+def start_from(adapters: DualLora, name: str, tensors: dict, file_keys: dict[str, str], spec: LoraSpec) -> None:
+    """Student and teacher both start from the LoRA file's weights."""
+    try:
+        state = adapter_state_from_comfy_lora(tensors, adapters.module_names, file_keys)
+    except KeyError as err:
+        raise node_error(DOPSDTrain, f"start_from_lora: '{name}' has no {err.args[0]}, so it was not trained on "
+                                     "these LoRA targets of this model",
+                         "pick a LoRA this node trained with the same lora_targets, or 'none'") from err
+    rank, alpha = next((entry["down"].shape[0], entry["alpha"]) for entry in state.values())
+    if (rank, alpha) != (spec.rank, spec.alpha):
+        raise node_error(DOPSDTrain, f"start_from_lora: '{name}' has rank {rank} and alpha {alpha:g}, this run "
+                                     f"{spec.rank} and {spec.alpha:g}", f"set rank {rank} and alpha {alpha:g}")
+    try:
+        adapters.load_state(state)
+    except ValueError as err:
+        raise node_error(DOPSDTrain, f"start_from_lora: '{name}' does not fit this model ({err})",
+                         "pick a LoRA trained on this model, or 'none'") from err
 
 
 def prepare_items(session: ModelSession, training_set: list[EncodedItem], latent_shape) -> list[TrainingItem]:

@@ -69,10 +69,10 @@ MUTATIONS = (
              '        torch._foreach_add_(self._params["teacher"], torch._foreach_mul(self._params["student"], decay))'),),
         (f"{CORE_TRAINER}::test_teacher_is_an_ema_of_the_student_after_each_optimizer_step",)),
     Mutation("merge_into_input_model", "a successful run patches the trained LoRA into the input MODEL", (
-        Edit("nodes/training.py", "        trained = TrainedLora(lora, lora_metadata(",
+        Edit("nodes/training.py", "        trained = TrainedLora(lora, metadata)\n",
              "        model.add_patches(__import__('comfy.lora').lora.load_lora(lora, __import__('comfy.lora').lora"
              ".model_lora_keys_unet(model.model, {})), 1.0)\n"
-             "        trained = TrainedLora(lora, lora_metadata("),),
+             "        trained = TrainedLora(lora, metadata)\n"),),
         (f"{ZIMAGE_E2E}::test_input_model_is_unchanged_by_training_success_cancel_and_failure",)),
     Mutation("alpha_written_as_rank", "the saved LoRA's alpha is its rank: half strength at alpha 2 x rank", (
         Edit("nodes/lora_io.py", "    return lora_tensors(adapter_state, keys, dtype)",
@@ -133,6 +133,9 @@ MUTATIONS = (
              "            with torch.no_grad()",
              "            with torch.no_grad()"),),
         (f"{CORE_TRAINER}::test_cancel_mid_rollout_leaves_the_last_completed_step",)),
+    Mutation("start_from_lora_ignored", "start_from_lora is accepted but training starts from zero", (
+        Edit("nodes/training.py", "                start_from(adapters, *start, file_keys, spec)\n", "                pass\n"),),
+        ("tests/zimage/test_start_from_lora.py",)),
     Mutation("damaged_checkpoint_resumed", "resume trusts the newest checkpoint without checking it", (
         Edit("dopsd_core/checkpoints.py", "        damage = checkpoint_damage(path)\n", "        damage = None\n"),),
         ("tests/core/test_core_checkpoints.py",)),
