@@ -122,8 +122,8 @@ def checkpoint_damage(path: str | os.PathLike, check_hashes: bool = True) -> str
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if (actual := file.stat().st_size) != size:
+            return f"{name} has {actual} bytes, {size} were written"
         if check_hashes and _sha256(file) != digest:
             return f"{name} does not match the checksum written with it"
     return None

@@ -14,14 +14,14 @@ from comfy_api.latest import io
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..dopsd_core.buckets import bucket_size, center_crop_box
-from .errors import node_error, node_name
+from .errors import node_error
 from .node_text import report
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_SUFFIX = ".txt"
 METADATA_FILE = "metadata.jsonl"
 # Windows editors in Western locales save "ANSI" text in this code page; other bytes that are not UTF-8 are refused.
-FALLBACK_ENCODING = "cp1252"
+FALLBACK_ENCODING, FALLBACK_ENCODING_NAME = "cp1252", "Windows-1252"
 CAPTION_BLOCK_SEPARATOR = "---"
 DATASET = io.Custom("DOPSD_DATASET")
 
@@ -73,7 +73,7 @@ def read_text(path: Path, node) -> tuple[str, str | None]:
             return data.decode("utf-8-sig"), None
         except UnicodeDecodeError:
             try:
-                return data.decode(FALLBACK_ENCODING), "Windows-1252"
+                return data.decode(FALLBACK_ENCODING), FALLBACK_ENCODING_NAME
             except UnicodeDecodeError:
                 pass
     raise node_error(node, f"cannot tell the text encoding of '{path.name}'",
@@ -137,7 +137,7 @@ def read_records(folder: Path, node) -> list[Record]:
         records = []
         text, encoding = read_text(metadata, node)
         if encoding:
-            report(node_name(node), f"{METADATA_FILE} is not UTF-8; read it as {encoding}")
+            report(node, f"{METADATA_FILE} is not UTF-8; read it as {encoding}")
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -155,15 +155,17 @@ def read_records(folder: Path, node) -> list[Record]:
                              "add a .txt file with the same name next to each image (one prompt variant per line)")
         records, not_utf8 = [], []
         for image in images:
-            text, encoding = read_text(image.with_suffix(CAPTION_SUFFIX), node)
+            caption = image.with_suffix(CAPTION_SUFFIX)
+            text, encoding = read_text(caption, node)
             records.append(Record(image, caption_variants(text)))
             if encoding:
-                not_utf8.append(image.with_suffix(CAPTION_SUFFIX).name)
+                not_utf8.append(caption.name)
         notices = unused_files_notice(folder, images)
         if not_utf8:
-            notices.append(f"read {len(not_utf8)} caption(s) that are not UTF-8 as Windows-1252: {names(not_utf8)}")
+            notices.append(f"read {len(not_utf8)} caption(s) that are not UTF-8 as {FALLBACK_ENCODING_NAME}: "
+                           f"{names(not_utf8)}")
         if notices:
-            report(node_name(node), "; ".join(notices))
+            report(node, "; ".join(notices))
     if not records:
         raise node_error(node, f"no images found in {folder}",
                          f"add {', '.join(IMAGE_SUFFIXES)} images with same-name .txt captions, or a {METADATA_FILE}")

@@ -6,6 +6,8 @@ import logging
 from comfy_execution.utils import get_executing_context
 from server import PromptServer
 
+from .errors import node_name
+
 
 def running_node_id() -> str | None:
     """The id of the node being executed. It comes from the executor's context, not a hidden UNIQUE_ID input: ComfyUI
@@ -20,7 +22,7 @@ def show_on_node(text: str, node_id: str | None) -> None:
         PromptServer.instance.send_progress_text(text, node_id)
 
 
-def report(node_name: str, text: str) -> None:
+def report(node, text: str) -> None:
     """A notice the user should read (files passed over, a fallback taken): on the running node and in the log."""
-    logging.warning("%s: %s", node_name, text)
+    logging.warning("%s: %s", node_name(node), text)
     show_on_node(text, running_node_id())
