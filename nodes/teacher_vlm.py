@@ -107,6 +107,15 @@ def check_fits(config: Qwen3VLConfig, weights: dict[str, torch.Tensor]) -> None:
         raise VisionWeightsError(f"the vision weights do not fit the text encoder ({details})")
 
 
+def image_processor_for(vision_config: dict) -> Qwen2VLImageProcessor:
+    """The processor that cuts images into the patches this vision tower embeds (its patch, merge and temporal sizes:
+    a tower of another size than the 4B one reads other patches)."""
+    sizes = {"patch_size": vision_config["patch_size"], "merge_size": vision_config["spatial_merge_size"],
+             "temporal_patch_size": vision_config["temporal_patch_size"]}
+    return Qwen2VLImageProcessor(**{**ARCHITECTURE["image_processor"], **sizes},
+                                 min_pixels=TEACHER_MIN_PIXELS, max_pixels=TEACHER_MAX_PIXELS)
+
+
 @dataclass
 class VLMTeacherEncoder:
     """Encodes (image, prompt) into teacher features: hidden_states[-2], at most MAX_TEACHER_TOKENS tokens."""
@@ -123,13 +132,10 @@ class VLMTeacherEncoder:
         config = build_config(language, vision_config)
         check_fits(config, weights)
         model = Qwen3VLModel.from_pretrained(None, config=config, state_dict=weights, dtype=dtype)
-        processor = ARCHITECTURE["image_processor"]
         return cls(
             model=model.to(device).eval(),
             tokenizer=Qwen2Tokenizer.from_pretrained(tokenizer_dir),
-            image_processor=Qwen2VLImageProcessor(
-                **processor, min_pixels=TEACHER_MIN_PIXELS, max_pixels=TEACHER_MAX_PIXELS,
-            ),
+            image_processor=image_processor_for(vision_config),
         )
 
     @torch.no_grad()

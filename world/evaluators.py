@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from world.manifest import write_manifest
+from world.resumable import train_resumably
 from world.scenes import (ALL_PATTERNS, BACKGROUND_COLORS, BACKGROUND_KINDS, CONCEPT, OBJECT_COLORS, PATTERNS,
                           POSITIONS, SHAPES, SIZE, SIZES, Scene, concept_scene, held_out_scenes, pick, render_batch,
                           restyle, sample_background, sample_scene)
@@ -196,44 +196,31 @@ def train_evaluator(out_path=DEFAULT_WEIGHTS, steps: int = TRAIN_STEPS, seed: in
                     log=print) -> Path:
     """Trains the evaluator CNN on fresh renders and writes its weights (safetensors, float32) to `out_path`.
 
-    Resumable: every `checkpoint_every` steps the model, the optimizer and the step go to `checkpoint_dir`, and a
-    later call with the same settings continues from there. Batch `step` is drawn from
-    numpy's default_rng([seed, step]), so an interrupted and resumed run ends with the same weights as an
-    uninterrupted one; after a change to this code, delete the checkpoint, or the run resumes the old one.
-    `log(message)` is called after each checkpoint."""
+    Resumable (world/resumable.py): every `checkpoint_every` steps the model, the optimizer and the step go to
+    `checkpoint_dir`, and a later call with the same settings continues from there and ends with the same weights;
+    after a change to this code, delete the checkpoint, or the run resumes the old one. `log(message)` is called
+    after each checkpoint."""
     checkpoint = Path(checkpoint_dir) / f"evaluator_seed{seed}_steps{steps}_batch{batch_size}.pt"
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     net = EvaluatorNet()
     optimizer = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
-    start, seconds = 0, 0.0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, seconds = state["step"], state["seconds"]
-        log(f"resumed from step {start}")
-    began = time.perf_counter() - seconds
-    for step in range(start, steps):
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps)
-        images, targets = training_batch(np.random.default_rng([seed, step]), batch_size)
+
+    def train_step(step: int, rng) -> float:
+        images, targets = training_batch(rng, batch_size)
         loss = training_loss(net(images), targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            seconds = time.perf_counter() - began
-            partial = checkpoint.with_suffix(".tmp")
-            torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                        "seconds": seconds}, partial)
-            partial.replace(checkpoint)
-            log(f"step {step + 1}/{steps} loss {loss.item():.4f} ({seconds:.0f} s)")
+        return loss.item()
+
+    progress = train_resumably(checkpoint, {"evaluator": net}, optimizer, steps, train_step, seed=seed,
+                               learning_rate=lambda step: _learning_rate(step, steps),
+                               save_every_steps=checkpoint_every, log=log)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.contiguous() for name, tensor in net.state_dict().items()}
     save_file(tensors, out_path, metadata={"heads": _head_layout(), "steps": str(steps), "seed": str(seed),
-                                           "batch": str(batch_size), "train_seconds": f"{seconds:.0f}"})
+                                           "batch": str(batch_size), "train_seconds": f"{progress.seconds:.0f}"})
     return out_path
 
 

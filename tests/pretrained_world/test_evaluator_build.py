@@ -17,14 +17,14 @@ def test_build_stage_runs_and_resumes_from_its_checkpoint(tmp_path):
 
     def killed_at_first_checkpoint(message):
         raise Killed(message)
-    with pytest.raises(Killed, match="step 2/4"):
+    with pytest.raises(Killed, match="step 2/4 "):
         train_evaluator(tmp_path / "resumed.safetensors", checkpoint_dir=tmp_path / "b", **settings,
                         log=killed_at_first_checkpoint)
     assert not (tmp_path / "resumed.safetensors").exists()
     messages = []
     resumed = train_evaluator(tmp_path / "resumed.safetensors", checkpoint_dir=tmp_path / "b", **settings,
                               log=messages.append)
-    assert messages[0] == "resumed from step 2" and messages[-1].startswith("step 4/4")
+    assert "resumed at step 2/4" in messages[0] and "step 4/4 " in messages[-1]
     first, second = load_file(unbroken), load_file(resumed)
     assert first.keys() == second.keys() and all((first[k] == second[k]).all() for k in first)
     assert resumed.stat().st_size < 2_000_000

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from devkit.graph import Graph
+from devkit.tiny_models import QWEN3_HIDDEN_SIZE
+from devkit.tiny_vlm import write_vision_file
 from tests.klein.klein_data import write_single_image_folder
 from tests.klein.klein_probe import relative_change, x0_for_two_images
 from tests.zimage.zimage_graphs import load_family, train, training_set
@@ -62,3 +64,23 @@ def test_the_vlm_teachers_prediction_follows_the_image_and_the_students_does_not
           f"the student by {relative_change(student_a, student_b):.2%}")
     assert torch.equal(student_a, student_b), "the student must not see the image"
     assert teacher_change > 0.01, "the image barely reaches the teacher's prediction"
+
+
+def test_a_vision_tower_with_other_patches_gets_images_cut_into_its_patches(comfy, comfy_base, two_image_folders):
+    """Qwen3-VL towers of other sizes may embed other patch sizes (the pretrained world's: 32 px); the teacher node
+    cuts the image to match. A square image is enlarged to 512², (512/16/2)² = 256 merged tokens for the 4B tower's
+    16 px patches, (512/32/2)² = 64 for 32 px ones."""
+    name = "qwen3_vl_patch32_vision.safetensors"
+    write_vision_file(comfy_base / "models" / "clip_vision" / name, QWEN3_HIDDEN_SIZE, seed=5, patch_size=32)
+    folder = two_image_folders[0]
+    g = Graph()
+    loader = load_family(g)
+    sets = [training_set(g, loader, folder), training_set(g, loader, folder, vision=name)]
+    for s in sets:
+        g.node("PreviewAny", source=s)
+    run = comfy.run(g.to_api())
+    assert run.success, run.error or run.node_errors
+    [[first_16, *_], [first_32, *_]] = (run.output(s.node_id)[0] for s in sets)
+    pair_16, pair_32 = first_16.pairs[0], first_32.pairs[0]
+    assert pair_16.prompt == pair_32.prompt
+    assert pair_16.teacher[0][0].shape[1] - pair_32.teacher[0][0].shape[1] == 256 - 64

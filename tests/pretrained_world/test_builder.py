@@ -1,0 +1,91 @@
+"""The world's builder still runs every stage (for a moment each), writes what ComfyUI's loaders read, and resumes
+an interrupted stage. The real build's sizes are in world/builder.py; this runs its command as a user would."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from devkit.paths import REPO_ROOT
+from world.resumable import train_resumably
+
+SMOKE = ["--steps", "2", "--examples", "24", "--batches", "1", "--batch-size", "2"]
+
+
+def build(out, *args):
+    return subprocess.run([sys.executable, "-m", "world.builder", "--out", str(out), *SMOKE, *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world_build")
+    result = build(out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_every_stage_runs_and_writes_its_output(built):
+    out, log = built
+    for stage in ("vae", "corpus", "pretrain", "trajectories", "distill"):
+        assert f"[{stage}] done" in log
+    vae = load_file(out / "vae" / "vae.safetensors")
+    assert vae["encoder.conv_out.weight"].shape[0] == 2 * 16 and vae["decoder.conv_in.weight"].shape[1] == 16
+    pretrained = load_file(out / "pretrain" / "dit.safetensors")
+    distilled = load_file(out / "distill" / "dit.safetensors")
+    assert pretrained.keys() == distilled.keys() and "cap_embedder.1.weight" in pretrained
+    # trained: the output layer left its zero start
+    assert pretrained["final_layer.linear.weight"].abs().sum() > 0
+    shard = torch.load(out / "corpus" / "shard_000.pt", weights_only=True)
+    assert shard["latents"].shape == (24, 16, 8, 8)
+    kinds = set(shard["kinds"])
+    assert kinds == {"text", "context"}
+    widths = {f.shape[1] for f in shard["features"]}
+    assert widths == {32}
+    context_lengths = [f.shape[0] for f, kind in zip(shard["features"], shard["kinds"]) if kind == "context"]
+    assert min(context_lengths) > 64, "the teacher's features hold the 64 image tokens and the caption"
+    trajectory = torch.load(out / "trajectories" / "batch_000.pt", weights_only=True)
+    assert trajectory["states"].shape[0] == 9 and trajectory["sigmas"][0] == 1.0 and trajectory["sigmas"][-1] == 0
+
+
+def test_a_finished_stage_is_not_redone(built):
+    out, _ = built
+    before = (out / "distill" / "dit.safetensors").stat().st_mtime_ns
+    result = build(out, "distill")
+    assert result.returncode == 0 and (out / "distill" / "dit.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_stage_out_of_time_stops_checkpointed_and_the_next_run_finishes_it(built):
+    out, _ = built
+    result = build(out, "encoders", "vae", "--out", str(out / "again"), "--steps", "3", "--minutes", "0")
+    assert result.returncode == 3 and "run the same command again" in result.stdout
+    assert (out / "again" / "vae" / "checkpoint_a.pt").exists() and not (out / "again" / "vae" / "vae.safetensors").exists()
+    result = build(out, "vae", "--out", str(out / "again"), "--steps", "3")
+    assert result.returncode == 0 and "resumed at step 1/3" in result.stdout
+
+
+def test_a_resumed_loop_ends_with_the_weights_of_an_unbroken_one(tmp_path):
+    def run(checkpoint, minutes):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+        def step(index, rng):
+            x = torch.from_numpy(rng.standard_normal((8, 4)).astype(np.float32)) + torch.randn(8, 4)
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+        progress = train_resumably(checkpoint, {"model": model}, optimizer, 5, step, seed=1, minutes=minutes,
+                                   log=lambda message: None)
+        return progress, model
+
+    unbroken_progress, unbroken = run(tmp_path / "a.pt", None)
+    first, _ = run(tmp_path / "b.pt", 0)
+    assert first.step == 1
+    resumed_progress, resumed = run(tmp_path / "b.pt", None)
+    assert resumed_progress.step == 5 and resumed_progress.losses == unbroken_progress.losses
+    assert all(torch.equal(a, b) for a, b in zip(unbroken.state_dict().values(), resumed.state_dict().values()))
