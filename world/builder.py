@@ -92,6 +92,13 @@ class Workshop:
     def models_dir(self) -> Path:
         return self.runtime.base / "models"
 
+    def training(self):
+        """ComfyUI's model code in training mode (0.33 otherwise runs fused kernels that have no backward): the
+        pack's own switch, which its training node uses."""
+        from devkit.comfy_runtime import pack_module
+
+        return pack_module("nodes.model_bridge").comfy_training_mode()
+
     def install(self, out: Path) -> None:
         """Put the newest built file of each world model into the models folder (as models.install_world does
         with the shipped ones)."""
@@ -335,8 +342,13 @@ def load_world_dit(state_dict: dict[str, torch.Tensor]):
     """ComfyUI's Z-Image model (a ModelPatcher) made from a state dict, in float32, as UNETLoader makes it."""
     import comfy.sd
 
+    from dopsd_core.autograd_safety import make_weights_autograd_safe
+
     patcher = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": torch.float32})
     patcher.model.float()
+    # ComfyUI loads for inference (0.33: weights frozen, possibly inference tensors); the builder trains them.
+    make_weights_autograd_safe(patcher.model.diffusion_model)
+    patcher.model.diffusion_model.requires_grad_(True)
     return patcher
 
 
@@ -548,7 +560,8 @@ def main(argv=None) -> int:
         sizes_given = {} if value is None else {name: value}
         if args.batch_size is not None and stage in ("vae", "pretrain", "trajectories"):
             sizes_given["batch_cap"] = args.batch_size
-        built = builders[stage](out, workshop, minutes=args.minutes, **sizes_given)
+        with workshop.training():
+            built = builders[stage](out, workshop, minutes=args.minutes, **sizes_given)
         if built is None:
             print(f"[{stage}] stopped before the end; run the same command again to continue", flush=True)
             return 3
