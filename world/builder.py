@@ -13,6 +13,8 @@ Stages, in order (default: all; a finished stage is skipped):
             Z-Image-Turbo's 8 steps (ComfyUI's simple scheduler at shift 3)
   distill   the 8-step model: from each recorded state, one Euler step of the student must land where the teacher's
             trajectory went (trajectory distillation), for both contexts
+  export    the shipped files into --weights (default world/weights): the distilled DiT in bf16 (as Z-Image ships),
+            the VAE, the encoders, and the folder's sha256 manifest
 Each trained stage checkpoints every few minutes under DIR/<stage>/ and stops, checkpointed, after `--minutes`;
 run the same command again to continue. `--steps`, `--examples` and `--batches` shrink the stages (the CI test
 runs each for a moment).
@@ -527,15 +529,36 @@ def build_distilled_dit(out: Path, workshop: Workshop, steps: int = DISTILL_STEP
     return models.save_atomically(state, final, metadata=_training_metadata(progress))
 
 
+# ---------------------------------------------------------------- export
+
+def export_weights(out: Path, weights: Path) -> Path:
+    from world.manifest import write_manifest
+
+    sources = {"dit.safetensors": out / "distill" / "dit.safetensors",
+               "vae.safetensors": out / "vae" / "vae.safetensors",
+               "text_encoder.safetensors": out / "encoders" / "text_encoder.safetensors",
+               "vision.safetensors": out / "encoders" / "vision.safetensors"}
+    missing = [str(path) for path in sources.values() if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"build the earlier stages first: {', '.join(missing)} missing")
+    weights.mkdir(parents=True, exist_ok=True)
+    dit = {k: v.to(torch.bfloat16) for k, v in models.load_tensors(sources.pop("dit.safetensors")).items()}
+    models.save_atomically(dit, weights / "dit.safetensors")
+    for name, path in sources.items():
+        shutil.copyfile(path, weights / name)
+    return write_manifest(weights)
+
+
 # ---------------------------------------------------------------- command line
 
-STAGES = ("encoders", "vae", "corpus", "pretrain", "trajectories", "distill")
+STAGES = ("encoders", "vae", "corpus", "pretrain", "trajectories", "distill", "export")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stages", nargs="*", metavar="STAGE", help=f"any of {', '.join(STAGES)} (default: all)")
     parser.add_argument("--out", type=Path, default=models.BUILD_DIR)
+    parser.add_argument("--weights", type=Path, default=models.WEIGHTS_DIR, help="where export writes")
     parser.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this many minutes")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of each trained stage")
     parser.add_argument("--examples", type=int, default=None, help="examples in the corpus")
@@ -554,6 +577,9 @@ def main(argv=None) -> int:
     for stage in [s for s in STAGES if s in (args.stages or STAGES)]:
         if stage == "encoders":
             build_encoders(out)
+            continue
+        if stage == "export":
+            print(f"[export] done: {export_weights(out, args.weights.resolve())}", flush=True)
             continue
         workshop = workshop or Workshop.open(out)
         name, value = sizes[stage]

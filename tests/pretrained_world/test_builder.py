@@ -1,35 +1,18 @@
 """The world's builder still runs every stage (for a moment each), writes what ComfyUI's loaders read, and resumes
 an interrupted stage. The real build's sizes are in world/builder.py; this runs its command as a user would."""
-import subprocess
-import sys
-
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
-from devkit.paths import REPO_ROOT
+from tests.pretrained_world.world_build import build
+from world.manifest import MANIFEST, verify_manifest
+from world.models import WEIGHT_FILES
 from world.resumable import train_resumably
-
-SMOKE = ["--steps", "2", "--examples", "24", "--batches", "1", "--batch-size", "2"]
-
-
-def build(out, *args):
-    return subprocess.run([sys.executable, "-m", "world.builder", "--out", str(out), *SMOKE, *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world_build")
-    result = build(out)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out, result.stdout
 
 
 def test_every_stage_runs_and_writes_its_output(built):
     out, log = built
-    for stage in ("vae", "corpus", "pretrain", "trajectories", "distill"):
+    for stage in ("vae", "corpus", "pretrain", "trajectories", "distill", "export"):
         assert f"[{stage}] done" in log
     vae = load_file(out / "vae" / "vae.safetensors")
     assert vae["encoder.conv_out.weight"].shape[0] == 2 * 16 and vae["decoder.conv_in.weight"].shape[1] == 16
@@ -48,6 +31,17 @@ def test_every_stage_runs_and_writes_its_output(built):
     assert min(context_lengths) > 64, "the teacher's features hold the 64 image tokens and the caption"
     trajectory = torch.load(out / "trajectories" / "batch_000.pt", weights_only=True)
     assert trajectory["states"].shape[0] == 9 and trajectory["sigmas"][0] == 1.0 and trajectory["sigmas"][-1] == 0
+
+
+def test_export_writes_the_shipped_files_with_their_manifest(built):
+    out, _ = built
+    weights = out / "weights"
+    verify_manifest(weights)
+    assert sorted(p.name for p in weights.iterdir()) == sorted([MANIFEST, *WEIGHT_FILES])
+    shipped, distilled = load_file(weights / "dit.safetensors"), load_file(out / "distill" / "dit.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in shipped.values())
+    assert all(torch.equal(shipped[k], distilled[k].to(torch.bfloat16)) for k in distilled)
+    assert sum(p.stat().st_size for p in weights.iterdir()) < 38_000_000, "with the evaluator, at most 40 MB"
 
 
 def test_a_finished_stage_is_not_redone(built):
