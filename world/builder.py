@@ -377,41 +377,50 @@ def batch_size(kind: str, cap: int | None) -> int:
     return PRETRAIN_BATCH[kind] if cap is None else min(PRETRAIN_BATCH[kind], cap)
 
 
-def build_pretrained_dit(out: Path, workshop: Workshop, steps: int = PRETRAIN_STEPS, minutes: float | None = None,
-                         batch_cap: int | None = None):
+def train_dit(out: Path, stage: str, start: dict[str, torch.Tensor], loss, *, steps: int, learning_rate: float,
+              warmup: int, seed: int, minutes: float | None) -> Path | None:
+    """Trains the DiT from the `start` weights on `loss(base_model, step, rng)`: AdamW, gradient clipping at 1, linear
+    warmup to a constant `learning_rate`, an EMA of the weights (EMA_DECAY), resumably under <out>/<stage>/. Writes
+    the EMA weights to <out>/<stage>/dit.safetensors when done; None while steps remain."""
     import copy
 
+    base_model = load_world_dit(start).model
+    dit = base_model.diffusion_model.train()
+    ema = copy.deepcopy(dit).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=learning_rate, weight_decay=0.0)
+
+    def train_step(step: int, rng) -> float:
+        value = loss(base_model, step, rng)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        optimizer.step()
+        update_ema(ema, dit, EMA_DECAY)
+        return value.item()
+
+    progress = train_resumably(out / stage / "checkpoint.pt", {"dit": dit, "ema": ema}, optimizer, steps, train_step,
+                               seed=seed, learning_rate=lambda step: learning_rate * min(1.0, (step + 1) / warmup),
+                               minutes=minutes, log=_stage_log(stage))
+    if progress.step < steps:
+        return None
+    state = {k: v.detach().float() for k, v in ema.state_dict().items()}
+    return models.save_atomically(state, out / stage / "dit.safetensors", metadata=_training_metadata(progress))
+
+
+def build_pretrained_dit(out: Path, workshop: Workshop, steps: int = PRETRAIN_STEPS, minutes: float | None = None,
+                         batch_cap: int | None = None):
     final = out / "pretrain" / "dit.safetensors"
     if final.exists():
         return final
     corpus = Corpus.load(out / "corpus")
-    patcher = load_world_dit(models.initial_dit_state_dict())
-    base_model = patcher.model
-    dit = base_model.diffusion_model.train()
-    ema = copy.deepcopy(dit).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=PRETRAIN_LEARNING_RATE, weight_decay=0.0)
 
-    def train_step(step: int, rng) -> float:
+    def loss(base_model, step: int, rng) -> torch.Tensor:
         kind = "context" if step % 2 else "text"
         latents, features = corpus.batch(rng, kind, batch_size(kind, batch_cap))
-        loss = flow_matching_loss(base_model, base_model.process_latent_in(latents), features)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        optimizer.step()
-        update_ema(ema, dit, EMA_DECAY)
-        return loss.item()
+        return flow_matching_loss(base_model, base_model.process_latent_in(latents), features)
 
-    def learning_rate(step: int) -> float:
-        return PRETRAIN_LEARNING_RATE * min(1.0, (step + 1) / 200)
-
-    progress = train_resumably(out / "pretrain" / "checkpoint.pt", {"dit": dit, "ema": ema}, optimizer, steps,
-                               train_step, seed=PRETRAIN_SEED, learning_rate=learning_rate, minutes=minutes,
-                               log=_stage_log("pretrain"))
-    if progress.step < steps:
-        return None
-    state = {f"{k}": v.detach().float() for k, v in ema.state_dict().items()}
-    return models.save_atomically(state, final, metadata=_training_metadata(progress))
+    return train_dit(out, "pretrain", models.initial_dit_state_dict(), loss, steps=steps,
+                     learning_rate=PRETRAIN_LEARNING_RATE, warmup=200, seed=PRETRAIN_SEED, minutes=minutes)
 
 
 # ---------------------------------------------------------------- trajectories and distillation
@@ -500,33 +509,16 @@ def distillation_loss(base_model, trajectory: dict, rng) -> torch.Tensor:
 
 
 def build_distilled_dit(out: Path, workshop: Workshop, steps: int = DISTILL_STEPS, minutes: float | None = None):
-    import copy
-
     final = out / "distill" / "dit.safetensors"
     if final.exists():
         return final
     trajectories = [torch.load(p, weights_only=True) for p in sorted((out / "trajectories").glob("batch_*.pt"))]
-    patcher = load_world_dit(models.load_tensors(out / "pretrain" / "dit.safetensors"))
-    base_model = patcher.model
-    dit = base_model.diffusion_model.train()
-    ema = copy.deepcopy(dit).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=DISTILL_LEARNING_RATE, weight_decay=0.0)
 
-    def train_step(step: int, rng) -> float:
-        loss = distillation_loss(base_model, trajectories[rng.integers(len(trajectories))], rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-        optimizer.step()
-        update_ema(ema, dit, EMA_DECAY)
-        return loss.item()
+    def loss(base_model, step: int, rng) -> torch.Tensor:
+        return distillation_loss(base_model, trajectories[rng.integers(len(trajectories))], rng)
 
-    progress = train_resumably(out / "distill" / "checkpoint.pt", {"dit": dit, "ema": ema}, optimizer, steps,
-                               train_step, seed=DISTILL_SEED, minutes=minutes, log=_stage_log("distill"))
-    if progress.step < steps:
-        return None
-    state = {k: v.detach().float() for k, v in ema.state_dict().items()}
-    return models.save_atomically(state, final, metadata=_training_metadata(progress))
+    return train_dit(out, "distill", models.load_tensors(out / "pretrain" / "dit.safetensors"), loss, steps=steps,
+                     learning_rate=DISTILL_LEARNING_RATE, warmup=1, seed=DISTILL_SEED, minutes=minutes)
 
 
 # ---------------------------------------------------------------- export
