@@ -31,7 +31,7 @@ def upstream(g: Graph, setting: Setting, image_names: list[str]):
     """Identical in every graph (same node ids), so ComfyUI's cache keeps them between runs."""
     loader = g.node("DOPSDLoadModel", family="Z-Image-Turbo", diffusion_model="z_image_turbo_bf16.safetensors",
                     text_encoder="qwen_3_4b.safetensors", text_encoder_type="from preset", vae="ae.safetensors",
-                    training_schedule="published (authors')")
+                    training_schedule="published (authors')", weight_dtype="default")
     dataset = g.node("DOPSDDatasetFromFolder", folder=DATASET_FOLDER, trigger_word="sks fox", placeholder="[trigger]",
                      megapixels=setting.size**2 / 1e6, bucket_multiple=16, allow_outside_input=False)
     pairs = g.node("DOPSDTeacherContextVLM", clip=loader.out(1), vae=loader.out(2), dataset=dataset,

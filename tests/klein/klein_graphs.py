@@ -30,7 +30,7 @@ EDIT_INSTRUCTION = "The last reference image is the expected result."
 def load_klein(g: Graph, text_encoder_type: str = TEXT_ENCODER_TYPE_0_3_75) -> NodeRef:
     return g.node("DOPSDLoadModel", family="FLUX.2-klein 4B", diffusion_model="flux-2-klein-4b.safetensors",
                   text_encoder="qwen_3_4b.safetensors", text_encoder_type=text_encoder_type, vae="flux2-vae.safetensors",
-                  training_schedule=PUBLISHED_SCHEDULE)
+                  training_schedule=PUBLISHED_SCHEDULE, weight_dtype="default")
 
 
 def dataset(g: Graph, folder: str, trigger_word: str = "sks") -> NodeRef:

@@ -13,10 +13,10 @@ TRAIN_DEFAULTS = dict(
 )
 
 
-def load_family(g: Graph) -> NodeRef:
+def load_family(g: Graph, weight_dtype: str = "default") -> NodeRef:
     return g.node("DOPSDLoadModel", family="Z-Image-Turbo", diffusion_model="z_image_turbo_bf16.safetensors",
                   text_encoder="qwen_3_4b.safetensors", text_encoder_type="from preset", vae="ae.safetensors",
-                  training_schedule="published (authors')")
+                  training_schedule="published (authors')", weight_dtype=weight_dtype)
 
 
 def training_set(g: Graph, loader: NodeRef, folder: str, vision: str = MATCHING_VISION_FILE.split("/", 1)[1]) -> NodeRef:
