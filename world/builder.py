@@ -24,6 +24,7 @@ and written back in the layout those loaders read, so what ships is what ComfyUI
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 from dataclasses import dataclass
@@ -104,15 +105,40 @@ class Workshop:
     def install(self, out: Path) -> None:
         """Put the newest built file of each world model into the models folder (as models.install_world does
         with the shipped ones)."""
-        built = {"text_encoder.safetensors": out / "encoders" / "text_encoder.safetensors",
-                 "vision.safetensors": out / "encoders" / "vision.safetensors",
-                 "vae.safetensors": out / "vae" / "vae.safetensors",
-                 "dit.safetensors": out / "pretrain" / "dit.safetensors"}
-        for name, path in built.items():
+        for name, path in built_files(out).items():
             if path.exists():
                 target = self.models_dir / models.WEIGHT_FILES[name]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, target)
+
+
+def built_files(out: Path) -> dict[str, Path]:
+    """Where the build leaves each shipped file (keys: the names in models.WEIGHT_FILES)."""
+    return {"dit.safetensors": out / "distill" / "dit.safetensors",
+            "vae.safetensors": out / "vae" / "vae.safetensors",
+            "text_encoder.safetensors": out / "encoders" / "text_encoder.safetensors",
+            "vision.safetensors": out / "encoders" / "vision.safetensors"}
+
+
+def write_shards(folder: Path, stem: str, count: int, make, minutes: float | None, log) -> Path | None:
+    """Writes <folder>/<stem>_<i>.pt = make(i) for each i not written yet, each atomically; stops (None) once
+    `minutes` have passed, so that the next call writes the rest."""
+    import time
+
+    began = time.perf_counter()
+    for index in range(count):
+        path = folder / f"{stem}_{index:03d}.pt"
+        if path.exists():
+            continue
+        if minutes is not None and time.perf_counter() - began > minutes * 60:
+            return None
+        content = make(index)
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.tmp")
+        torch.save(content, staging)
+        staging.replace(path)
+        log(f"{stem} {index + 1}/{count} ({time.perf_counter() - began:.0f} s)")
+    return folder
 
 
 def _stage_log(stage: str):
@@ -277,34 +303,21 @@ class Encoders:
 
 
 def build_corpus(out: Path, workshop: Workshop, examples: int = CORPUS_EXAMPLES, minutes: float | None = None):
-    import time
-
-    folder = out / "corpus"
-    shard_count = -(-examples // CORPUS_SHARD_SIZE)
-    paths = [folder / f"shard_{i:03d}.pt" for i in range(shard_count)]
-    log = _stage_log("corpus")
     workshop.install(out)
-    encoders = None
-    began = time.perf_counter()
-    for index, path in enumerate(paths):
-        if path.exists():
-            continue
-        if minutes is not None and time.perf_counter() - began > minutes * 60:
-            return None
-        encoders = encoders or Encoders(workshop)
+    encoders = functools.cache(lambda: Encoders(workshop))  # loaded for the first shard that is written
+
+    def shard(index: int) -> dict:
+        encode = encoders()
         rng = np.random.default_rng([CORPUS_SEED, index])
         batch = [corpus_example(rng) for _ in range(min(CORPUS_SHARD_SIZE, examples - index * CORPUS_SHARD_SIZE))]
-        features = [encoders.context(e["context_image"], e["prompt"]) if e["kind"] == "context"
-                    else encoders.text(e["prompt"]) for e in batch]
-        shard = {"latents": encoders.latents(render_batch([e["scene"] for e in batch])),
-                 "features": features, "kinds": [e["kind"] for e in batch], "prompts": [e["prompt"] for e in batch],
-                 "unconditional": encoders.text("")}
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp")
-        torch.save(shard, staging)
-        staging.replace(path)
-        log(f"shard {index + 1}/{shard_count} ({time.perf_counter() - began:.0f} s)")
-    return folder
+        features = [encode.context(e["context_image"], e["prompt"]) if e["kind"] == "context"
+                    else encode.text(e["prompt"]) for e in batch]
+        return {"latents": encode.latents(render_batch([e["scene"] for e in batch])),
+                "features": features, "kinds": [e["kind"] for e in batch], "prompts": [e["prompt"] for e in batch],
+                "unconditional": encode.text("")}
+
+    return write_shards(out / "corpus", "shard", -(-examples // CORPUS_SHARD_SIZE), shard, minutes,
+                        _stage_log("corpus"))
 
 
 @dataclass
@@ -462,22 +475,13 @@ def teacher_trajectory(base_model, noise, features, unconditional, sigmas, subst
 
 def build_trajectories(out: Path, workshop: Workshop, batches: int = TRAJECTORY_BATCHES,
                        minutes: float | None = None, batch_cap: int | None = None):
-    import time
-
-    folder = out / "trajectories"
     corpus = Corpus.load(out / "corpus")
     patcher = load_world_dit(models.load_tensors(out / "pretrain" / "dit.safetensors"))
     base_model = patcher.model.eval()
     sigmas = native_sigmas(base_model)
     unconditional = corpus.unconditional[None]
-    log = _stage_log("trajectories")
-    began = time.perf_counter()
-    for index in range(batches):
-        path = folder / f"batch_{index:03d}.pt"
-        if path.exists():
-            continue
-        if minutes is not None and time.perf_counter() - began > minutes * 60:
-            return None
+
+    def batch(index: int) -> dict:
         rng = np.random.default_rng([TRAJECTORY_SEED, index])
         torch.manual_seed(TRAJECTORY_SEED * 1_000_003 + index)
         kind = "context" if index % 2 else "text"
@@ -485,12 +489,9 @@ def build_trajectories(out: Path, workshop: Workshop, batches: int = TRAJECTORY_
         noise = torch.randn(features.shape[0], *corpus.latents.shape[1:])
         states = teacher_trajectory(base_model, noise, features, unconditional, sigmas, TEACHER_SUBSTEPS,
                                     TEACHER_GUIDANCE)
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp")
-        torch.save({"states": states, "features": features, "sigmas": sigmas}, staging)
-        staging.replace(path)
-        log(f"batch {index + 1}/{batches} ({time.perf_counter() - began:.0f} s)")
-    return folder
+        return {"states": states, "features": features, "sigmas": sigmas}
+
+    return write_shards(out / "trajectories", "batch", batches, batch, minutes, _stage_log("trajectories"))
 
 
 def distillation_loss(base_model, trajectory: dict, rng) -> torch.Tensor:
@@ -526,10 +527,7 @@ def build_distilled_dit(out: Path, workshop: Workshop, steps: int = DISTILL_STEP
 def export_weights(out: Path, weights: Path) -> Path:
     from world.manifest import write_manifest
 
-    sources = {"dit.safetensors": out / "distill" / "dit.safetensors",
-               "vae.safetensors": out / "vae" / "vae.safetensors",
-               "text_encoder.safetensors": out / "encoders" / "text_encoder.safetensors",
-               "vision.safetensors": out / "encoders" / "vision.safetensors"}
+    sources = built_files(out)
     missing = [str(path) for path in sources.values() if not path.exists()]
     if missing:
         raise FileNotFoundError(f"build the earlier stages first: {', '.join(missing)} missing")
