@@ -43,12 +43,17 @@ def prepare_base(base: Path) -> None:
     write_concept_images(base / "input" / DATASET_FOLDER, count=3)
 
 
-def example_graph(runtime: ComfyRuntime) -> dict:
+def workflow_graph(runtime: ComfyRuntime, settings: dict[str, dict]) -> dict:
+    """The example workflow as the web UI queues it, with `settings` (class type -> inputs) changed on its nodes."""
     workflow = json.loads(WORKFLOW.read_text())
     graph = to_api(workflow, lambda node_type: input_spec_from_object_info(runtime.object_info(node_type)))
     for node in graph.values():
-        node["inputs"].update(TINY_SETTINGS.get(node["class_type"], {}))
+        node["inputs"].update(settings.get(node["class_type"], {}))
     return graph
+
+
+def example_graph(runtime: ComfyRuntime) -> dict:
+    return workflow_graph(runtime, TINY_SETTINGS)
 
 
 def node_of(graph: dict, class_type: str) -> str:

@@ -27,7 +27,6 @@ from world.generate import Sampling, generate
 from world.scenes import (TRIGGER, caption, concept_caption, held_out_scenes, render_batch, restyle,
                           write_concept_folder)
 
-WORKFLOW = REPO_ROOT / "workflows" / "zimage_turbo_dopsd_finetune_then_generate.json"
 CONCEPT_FOLDER = "dopsd/my_concept"
 TEACHER_FOLDER = "dopsd/world_teacher_ceiling"
 TRIGGER_WORD = "sks"          # the workflow's
@@ -120,12 +119,10 @@ def prepare_base(base: Path, weights: Path = models.WEIGHTS_DIR) -> Path:
 
 
 def training_graph(runtime, objective: str, learning_rate: float, seed: int, lora_name: str, steps: int) -> dict:
-    from devkit.ui_workflow import input_spec_from_object_info, to_api
+    from devkit.example_job import workflow_graph
 
-    graph = to_api(json.loads(WORKFLOW.read_text()),
-                   lambda node_type: input_spec_from_object_info(runtime.object_info(node_type)))
+    graph = workflow_graph(runtime, WORLD_SETTINGS)
     for node in graph.values():
-        node["inputs"].update(WORLD_SETTINGS.get(node["class_type"], {}))
         if node["class_type"] == "DOPSDTrain":
             node["inputs"].update(objective=objective, learning_rate=learning_rate, seed=seed, steps=steps)
         if node["class_type"] == "DOPSDSaveLoRA":
