@@ -4,7 +4,8 @@ Arithmetic only (no torch, no weights): FLOPs of one optimizer step with the aut
 (gradient accumulation 4, 8 for klein edit tuning: their batch 1 on each of 4 or 8 GPUs), projected seconds
 per step and hours per run (2000 steps Z-Image, 3000 klein) on one H100 at a stated utilisation, and the GPU
 memory a run needs with bf16 weights, rank-64 LoRA and gradient checkpointing; then which knob (K,
-accumulation, resolution, rank, checkpointing, conditioning caching) moves time and memory most.
+accumulation, resolution, rank, checkpointing, conditioning caching, fp8 weights) moves time and memory most; and
+which family, resolution and weight dtype fit an 8, 12, 16 or 24 GB card.
 
 Architectures (as ComfyUI builds them):
 - Z-Image-Turbo: NextDiT, dim 3840, 30 heads of 128, 30 joint layers + 2 noise-refiner layers (image
@@ -145,6 +146,7 @@ class Knobs:
     checkpointing: bool = True
     cache_conditioning: bool = True
     utilisation: float = 0.4
+    weight_bytes: int = BF16  # 1: the loader's fp8 weight_dtype (every linear layer's weight in fp8)
 
 
 def tokens(arch: Arch, knobs: Knobs, teacher: bool) -> dict[str, int]:
@@ -210,8 +212,9 @@ def memory(arch: Arch, knobs: Knobs) -> dict[str, float]:
         activations = sum(block.count * size for block, size in per_block)
     teacher_n = tokens(arch, knobs, teacher=True)
     widest = max(o for block in arch.blocks for _, o, _, _ in block.linears)
+    linear = arch.params - arch.other_params
     parts = {
-        "weights (bf16)": BF16 * arch.params,
+        "weights": knobs.weight_bytes * linear + BF16 * arch.other_params,
         "LoRA student+teacher, grads, AdamW (fp32)": LORA_BYTES_PER_PARAM * arch.lora_params(knobs.rank),
         "activations of one roll-out step": activations,
         "teacher forward transient (no grad)": BF16 * teacher_n["all"] * 2 * widest,
@@ -219,6 +222,25 @@ def memory(arch: Arch, knobs: Knobs) -> dict[str, float]:
     if not knobs.cache_conditioning:
         parts["text encoder / VLM weights resident (bf16)"] = BF16 * arch.encoder_params
     return parts
+
+
+# What a GPU needs beyond the run's tensors: the CUDA context, cuBLAS workspaces, allocator slack.
+CUDA_OVERHEAD_GB = 1.5
+CARDS_GB = (8, 12, 16, 24)
+FIT_ROWS = (("zimage", 1024), ("zimage", 768), ("zimage", 512), ("klein4b", 1024), ("klein4b", 768),
+            ("klein4b", 512), ("klein9b", 1024), ("klein9b", 768), ("klein9b", 512))
+
+
+def print_fit_table() -> None:
+    """Which family, resolution and weight dtype fit which card (rank 64, gradient checkpointing, conditioning
+    encoded once, one image per roll-out)."""
+    print(f"{'model':21s} {'px':>5s} {'weights':>8s} {'GB':>6s} " + " ".join(f"{gb:>5d}GB" for gb in CARDS_GB))
+    for key, resolution in FIT_ROWS:
+        for dtype, weight_bytes in (("bf16", BF16), ("fp8", 1)):
+            knobs = Knobs(resolution=resolution, weight_bytes=weight_bytes)
+            need = sum(memory(ARCHS[key], knobs).values()) / GB + CUDA_OVERHEAD_GB
+            print(f"{ARCHS[key].name:21s} {resolution:5d} {dtype:>8s} {need:6.1f} "
+                  + " ".join(f"{'yes' if need <= gb else '-':>7s}" for gb in CARDS_GB))
 
 
 def seconds_per_step(arch: Arch, knobs: Knobs) -> float:
@@ -247,6 +269,7 @@ KNOBS = [
     ("rank 128", {"rank": 128}),
     ("no gradient checkpointing", {"checkpointing": False}),
     ("conditioning re-encoded every step", {"cache_conditioning": False}),
+    ("fp8 weights", {"weight_bytes": 1}),
 ]
 
 
@@ -289,6 +312,9 @@ def main(argv=None) -> None:
     print("  Memory depends on neither K nor accumulation here: each roll-out step is back-propagated at once and its "
           "graph freed, and accumulated gradients add into one buffer. A single backward over all K steps (the "
           "reference code) would keep K steps' activations.")
+    print()
+    print(f"Which GPU fits a run (memory above + {CUDA_OVERHEAD_GB} GB for the CUDA context and allocator slack):")
+    print_fit_table()
 
 
 def sft_seconds(arch: Arch, knobs: Knobs) -> float:

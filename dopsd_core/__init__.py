@@ -26,6 +26,7 @@ from .checkpoints import (
 )
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, distillation_loss, flow_matching_loss, velocity_loss, x0_loss
+from .memory_plan import AllocationPeak, MemoryPlan, StepMemoryCurve, format_bytes, fp8_savings, plan_memory
 from .rollout import RolloutStep, append_dims, euler_step, noise_latent, rollout, rollout_preview
 from .schedules import (
     ZIMAGE_TURBO_INFERENCE_SIGMAS_8,
@@ -65,6 +66,12 @@ __all__ = [
     "flow_matching_loss",
     "velocity_loss",
     "x0_loss",
+    "AllocationPeak",
+    "MemoryPlan",
+    "StepMemoryCurve",
+    "format_bytes",
+    "fp8_savings",
+    "plan_memory",
     "RolloutStep",
     "append_dims",
     "euler_step",

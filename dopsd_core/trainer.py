@@ -32,6 +32,7 @@ from .adapters import DualLora
 from .checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, LossSpace, distillation_loss, flow_matching_loss
+from .memory_plan import AllocationPeak
 from .rollout import append_dims, noise_latent, rollout
 from .schedules import validate_sigmas
 
@@ -309,32 +310,62 @@ class Trainer:
         def train_on_state(x: Tensor, sigma: Tensor) -> Tensor:
             if should_cancel():
                 raise TrainingCancelled(f"cancelled during optimizer step {self.step + 1}")
-            with torch.no_grad(), self.adapters.use("teacher"), self._autocast():
-                teacher_x0 = self.denoiser(x, sigma, pair.teacher_cond)
-            with self._autocast():
-                student_x0 = self.denoiser(x, sigma, pair.student_cond)
-            loss = distillation_loss(self.config.loss_space, student_x0, teacher_x0, x, append_dims(sigma, x.ndim))
-            # Still under the student adapter, which gradient checkpointing's recomputation relies on.
-            (loss * loss_scale).backward()
-            losses.append(loss.detach())
+            student_x0, loss = self._distill_on_state(pair, x, sigma, loss_scale)
+            losses.append(loss)
             return student_x0
 
         rollout(train_on_state, noise, sigmas)
         return torch.stack(losses)
 
+    def _distill_on_state(self, pair: TrainingPair, x: Tensor, sigma: Tensor, loss_scale: float) -> tuple[Tensor, Tensor]:
+        """One roll-out step's teacher forward, student forward and backward; returns the student's x0 and the loss."""
+        with torch.no_grad(), self.adapters.use("teacher"), self._autocast():
+            teacher_x0 = self.denoiser(x, sigma, pair.teacher_cond)
+        with self._autocast():
+            student_x0 = self.denoiser(x, sigma, pair.student_cond)
+        loss = distillation_loss(self.config.loss_space, student_x0, teacher_x0, x, append_dims(sigma, x.ndim))
+        # Still under the student adapter, which gradient checkpointing's recomputation relies on.
+        (loss * loss_scale).backward()
+        return student_x0, loss.detach()
+
     def _sft_micro_step(self, should_cancel: Callable[[], bool]) -> Tensor:
         item, pair = self._draw_example()
+        if should_cancel():
+            raise TrainingCancelled(f"cancelled during optimizer step {self.step + 1}")
+        return self._sft_on_item(item, pair)
+
+    def _sft_on_item(self, item: TrainingItem, pair: TrainingPair) -> Tensor:
         x0 = item.target_latent.reshape(item.batched_shape).to(self.device, torch.float32)
         noise = self._draw_noise(x0.shape)
         sigma = self._draw_sft_sigma(x0.shape[0]).to(self.device)
         x = noise_latent(x0, noise, append_dims(sigma, x0.ndim))
-        if should_cancel():
-            raise TrainingCancelled(f"cancelled during optimizer step {self.step + 1}")
         with self._autocast():
             predicted_x0 = self.denoiser(x, sigma, pair.student_cond)
         loss = flow_matching_loss(predicted_x0, x0, noise, x, append_dims(sigma, x0.ndim))
         (loss / self.config.gradient_accumulation).backward()
         return loss.detach()[None]
+
+    def step_memory(self, item: TrainingItem) -> int:
+        """Peak bytes one roll-out step on ``item`` allocates on the device (one micro-step for SFT), with the
+        student's gradients already allocated: what ``memory_plan`` extrapolates from. Leaves no gradients and
+        the random state as it was."""
+        random_state = self._random_state()
+        pair = item.variants[0]
+        parameters = self.adapters.student_parameters()
+        for p in parameters:
+            p.grad = torch.zeros_like(p)
+        try:
+            with self._training_scope(), self.adapters.use("student"), AllocationPeak(self.device) as peak:
+                if self.config.objective == "dopsd":
+                    sigma = self.schedule_for(item)[:1].expand(item.batched_shape[0])
+                    x = sigma[0] * self._draw_noise(item.batched_shape)
+                    self._distill_on_state(pair, x, sigma, 1.0)
+                else:
+                    self._sft_on_item(item, pair)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._set_random_state(random_state)
+        return peak.peak
 
     def _draw_example(self) -> tuple[TrainingItem, TrainingPair]:
         item = self.items[int(torch.randint(len(self.items), (), generator=self.generator))]

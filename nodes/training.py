@@ -44,6 +44,7 @@ from .families import (
 )
 from .item_schedules import require_matching_step_count
 from .loading import BASE_MODEL_NAME_OPTION
+from .memory_check import check_memory
 from .lora_io import TrainedLora, adapter_state_from_comfy_lora, apply_lora, comfy_lora_tensors, output_slice_layout
 from .node_text import running_node_id, show_on_node
 from .model_bridge import (
@@ -142,6 +143,11 @@ class DOPSDTrain(io.ComfyNode):
                                        "second round of training, or D-OPSD on top of an SFT LoRA. It must have been "
                                        "trained by this node on the same model, targets, rank and alpha. A checkpoint "
                                        "to resume from takes precedence."),
+                io.Float.Input("memory_limit_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
+                               tooltip="0: the training device's free memory. Before the first step the node measures "
+                                       "what the run needs (shown on the node) and stops with settings that fit if it "
+                                       "exceeds this, instead of running out of memory later. Set it to keep memory "
+                                       "for other programs."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA applied."),
@@ -155,7 +161,7 @@ class DOPSDTrain(io.ComfyNode):
     def execute(cls, model, training_set, training_sigmas, objective, steps, learning_rate, rank, alpha, lora_init,
                 ema_decay, loss_space, gradient_accumulation, warmup_steps, seed, lora_targets, custom_lora_targets,
                 gradient_checkpointing, checkpoint_every, checkpoint_folder, resume, preview_every,
-                keep_last, start_from_lora) -> io.NodeOutput:
+                keep_last, start_from_lora, memory_limit_gb) -> io.NodeOutput:
         require_flow_model(model, cls)
         try:
             sigmas = validate_sigmas(training_sigmas)
@@ -180,7 +186,7 @@ class DOPSDTrain(io.ComfyNode):
             spec = LoraSpec(rank, alpha, targets, init=LORA_INITS[lora_init], seed=seed, output_slices=output_slices)
             start = None if start_from_lora == NO_LORA else load_starting_lora(start_from_lora)
             lora, losses, previews = train(model, training_set, sigmas, config, spec, file_keys,
-                                           gradient_checkpointing, resume, preview_every, start)
+                                           gradient_checkpointing, resume, preview_every, start, memory_limit_gb)
         metadata = lora_metadata(model, training_set, sigmas, config, spec, objective, lora_targets)
         if start is not None:
             metadata["dopsd.started_from"] = start_from_lora
@@ -258,10 +264,10 @@ TRAINING_OBSERVERS: list[TrainingObserver] = []
 
 def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,
           file_keys: dict[str, str], gradient_checkpointing: bool, resume: bool, preview_every: int,
-          start: tuple[str, dict] | None = None):
+          start: tuple[str, dict] | None = None, memory_limit_gb: float = 0.0):
     """Train inside a loaded model session: prepare the items, attach the adapters (starting from `start`, a LoRA's
-    name and tensors, if given), resume, run the trainer while showing progress, export the student. The adapters
-    are always removed again, also on error.
+    name and tensors, if given), check the memory plan, resume, run the trainer while showing progress, export the
+    student. The adapters are always removed again, also on error.
 
     Items that carry their own schedule (EncodedItem.sigmas) are rolled out on it, the others on `sigmas`."""
     latent_shape = tuple(training_set[0].latent.shape)
@@ -274,8 +280,14 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
         with adapters, allow_inplace_residuals(blocks):
             if start is not None:
                 start_from(adapters, *start, file_keys, spec)
-            trainer = Trainer(session.predict_x0, adapters, items, sigmas.to(session.device), config, session.device,
-                              checkpointed_modules=blocks if gradient_checkpointing else ())
+
+            def make_trainer(checkpointing: bool) -> Trainer:
+                return Trainer(session.predict_x0, adapters, items, sigmas.to(session.device), config, session.device,
+                               checkpointed_modules=blocks if checkpointing else ())
+
+            trainer = make_trainer(gradient_checkpointing)
+            show_on_node(check_memory(DOPSDTrain, session, trainer, training_set, memory_limit_gb,
+                                      None if gradient_checkpointing else lambda: make_trainer(True)), running_node_id())
             notice = resume_from_newest_intact(trainer, config.checkpoint_dir) if resume else None
             monitor = TrainingMonitor(session, model.model.latent_format, trainer, preview_every, notice)
             run_to_the_end(trainer, monitor)

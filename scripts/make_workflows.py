@@ -80,7 +80,7 @@ def zimage_workflow() -> Workflow:
             "## 5 · On-policy self-distillation\nThe authors' Z-Image recipe: rank 64 / alpha 128 (gaussian init; "
             "separate q, k, v adapters) on attention and feed-forward, AdamW 1e-4, gradient accumulation 4 (their "
             "batch of 4 GPUs), EMA teacher 0.9999, x0 loss, 2000 steps. Set `checkpoint_every` to resume after a "
-            "cancel. Switch `objective` to SFT to compare with plain fine-tuning."),
+            f"cancel. Switch `objective` to SFT to compare with plain fine-tuning.\n\n{TRAINING_MEMORY_NOTE}"),
             [Node("train", "DOPSDTrain", {**recipe_widgets(families().ZIMAGE_TURBO.recipe), "checkpoint_every": 250,
                                           "checkpoint_folder": f"dopsd/checkpoints/{lora.split('/')[-1]}",
                                           "preview_every": 100},
@@ -135,6 +135,12 @@ KLEIN_LOAD_NOTE = (
     "grid than klein samples with (at 1024²: 1, .952, .832, .0098 against 1, .967, .908, .767); `training_schedule` "
     "'sampling grid' trains on the sampling one."
 )
+TRAINING_MEMORY_NOTE = (
+    "Memory: before the first step the node measures what the run needs and shows it on the node; if the GPU "
+    "(or `memory_limit_gb`) cannot hold it, it stops at once and names settings that fit (gradient checkpointing, "
+    "fp8 weights, fewer megapixels). `start_from_lora` continues from a LoRA this node trained (a second round, or "
+    "D-OPSD on top of an SFT LoRA)."
+)
 KLEIN_SCHEDULE_NOTE = (
     "Klein's schedule shifts with the image size (its token count, height/16 · width/16), and aspect buckets "
     "differ: **Training Schedule per Image Size** gives every image its own 4-step schedule for that size. Keep its "
@@ -169,7 +175,7 @@ def klein_preview_group(note: str) -> Group:
 
 
 def klein_train_group(note: str, recipe, lora_name: str) -> Group:
-    return Group("5 · Train with D-OPSD", note, [
+    return Group("5 · Train with D-OPSD", f"{note}\n\n{TRAINING_MEMORY_NOTE}", [
         Node("train", "DOPSDTrain", {**recipe_widgets(recipe), "checkpoint_every": 250,
                                      "checkpoint_folder": f"dopsd/checkpoints/{lora_name.split('/')[-1]}",
                                      "preview_every": 100},

@@ -75,9 +75,9 @@ MUTATIONS = (
              "        trained = TrainedLora(lora, metadata)\n"),),
         (f"{ZIMAGE_E2E}::test_input_model_is_unchanged_by_training_success_cancel_and_failure",)),
     Mutation("alpha_written_as_rank", "the saved LoRA's alpha is its rank: half strength at alpha 2 x rank", (
-        Edit("nodes/lora_io.py", "    return lora_tensors(adapter_state, keys, dtype)",
-             "    return lora_tensors({m: {**e, 'alpha': e['down'].shape[0]} for m, e in adapter_state.items()}, keys, "
-             "dtype)"),),
+        Edit("nodes/lora_io.py", "    return lora_tensors(adapter_state, file_keys(adapter_state, slice_keys), dtype)",
+             "    return lora_tensors({m: {**e, 'alpha': e['down'].shape[0]} for m, e in adapter_state.items()}, "
+             "file_keys(adapter_state, slice_keys), dtype)"),),
         (f"{ZIMAGE_E2E}::test_saved_lora_reproduces_the_students_rollout_at_the_end_of_training",)),
     Mutation("teacher_exported", "the LoRA file holds the EMA teacher instead of the student", (
         Edit("nodes/training.py", "comfy_lora_tensors(adapters.student_state(), ", "comfy_lora_tensors(adapters.teacher_state(), "),),
@@ -130,12 +130,21 @@ MUTATIONS = (
     Mutation("cancel_ignored", "Cancel is not looked at during a roll-out", (
         Edit("dopsd_core/trainer.py",
              "            if should_cancel():\n                raise TrainingCancelled(f\"cancelled during optimizer step {self.step + 1}\")\n"
-             "            with torch.no_grad()",
-             "            with torch.no_grad()"),),
+             "            student_x0, loss = self._distill_on_state",
+             "            student_x0, loss = self._distill_on_state"),),
         (f"{CORE_TRAINER}::test_cancel_mid_rollout_leaves_the_last_completed_step",)),
     Mutation("start_from_lora_ignored", "start_from_lora is accepted but training starts from zero", (
         Edit("nodes/training.py", "                start_from(adapters, *start, file_keys, spec)\n", "                pass\n"),),
         ("tests/zimage/test_start_from_lora.py",)),
+    Mutation("memory_plan_from_small_probes_only", "the plan extrapolates from the quarter- and half-area steps "
+             "instead of measuring the full-size one", (
+        Edit("dopsd_core/memory_plan.py", "        points.append((prod(latent_shape), measure_step(tuple(latent_shape))))\n",
+             ""),),
+        ("tests/zimage/test_memory_plan.py",)),
+    Mutation("memory_plan_never_stops", "a run that does not fit starts anyway", (
+        Edit("nodes/memory_check.py", "    if plan.step_measured and plan.training * SAFETY_FACTOR <= available:\n",
+             "    if True:\n"),),
+        ("tests/zimage/test_memory_plan.py",)),
     Mutation("damaged_checkpoint_resumed", "resume trusts the newest checkpoint without checking it", (
         Edit("dopsd_core/checkpoints.py", "        damage = checkpoint_damage(path)\n", "        damage = None\n"),),
         ("tests/core/test_core_checkpoints.py",)),

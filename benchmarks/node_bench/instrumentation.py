@@ -1,5 +1,5 @@
 """Instrumentation of a DOPSDTrain run inside ComfyUI: per-region clocks, progress events, the observer that times a
-step's parts, and the CPU allocator's peak."""
+step's parts, and allocator peaks (dopsd_core's AllocationPeak, which DOPSDTrain's memory plan uses)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from devkit.comfy_runtime import ComfyRuntime
+from dopsd_core.memory_plan import AllocationPeak
 
 # ------------------------------------------------------------------------------------------------
 # Clocks and instrumentation
@@ -247,37 +248,4 @@ def quiet_stderr():
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
-
-
-# ------------------------------------------------------------------------------------------------
-# CPU allocator peak (via the profiler's memory events)
-# ------------------------------------------------------------------------------------------------
-class AllocationPeak:
-    """Peak of bytes allocated (and not yet freed) since entering, from torch's CPU allocator reports."""
-
-    def __enter__(self):
-        from torch.profiler import ProfilerActivity, profile
-
-        self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self._profile.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        from torch._C._profiler import _EventType
-
-        self._profile.__exit__(*exc)
-        allocations = []
-        stack = list(self._profile.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            event = stack.pop()
-            if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-                allocations.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
-            stack.extend(event.children)
-        allocations.sort()
-        if not allocations:
-            self.peak = 0
-            return
-        start = allocations[0][2] - allocations[0][1]
-        self.peak = max(total for _, _, total in allocations) - start
-
 

@@ -56,7 +56,7 @@ def dopsd_graph(setting: Setting, images, *, k: int, seed: int, checkpointing: b
         loss_space="x0", gradient_accumulation=1, warmup_steps=0, seed=seed, lora_targets="custom regex",
         custom_lora_targets=setting.lora_targets, lora_init="gaussian",
         gradient_checkpointing=checkpointing, checkpoint_every=0, checkpoint_folder="dopsd/checkpoints/bench",
-        resume=False, preview_every=0, keep_last=0, start_from_lora="none",
+        resume=False, preview_every=0, keep_last=0, start_from_lora="none", memory_limit_gb=0.0,
     )
     g.node("LossGraphNode", loss=trained.out(2), filename_prefix="bench/dopsd_loss")
     return g.to_api()

@@ -19,7 +19,7 @@ TRAIN_DEFAULTS = dict(
     objective="D-OPSD", steps=3, learning_rate=2e-3, rank=4, alpha=8.0, ema_decay=0.9999, loss_space="x0",
     gradient_accumulation=1, warmup_steps=0, seed=0, lora_targets="published", custom_lora_targets="",
     lora_init="gaussian", gradient_checkpointing=True,
-    checkpoint_every=0, checkpoint_folder="dopsd/checkpoints/klein_test", resume=False, preview_every=0, keep_last=0, start_from_lora="none",
+    checkpoint_every=0, checkpoint_folder="dopsd/checkpoints/klein_test", resume=False, preview_every=0, keep_last=0, start_from_lora="none", memory_limit_gb=0.0,
 )
 GENERATION_STEPS = 4
 PUBLISHED_SCHEDULE = "published (authors')"

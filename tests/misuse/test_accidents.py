@@ -73,7 +73,9 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(comfy, comfy_base, conce
     resumed, train_id = train_lora(comfy, concept_folder, steps=6, checkpoint_folder=folder, resume=True, **SETTINGS)
 
     assert resumed.success, resumed.error
-    notices, progress = zip(*(text.split("\n") for text in node_texts(comfy, train_id)))
+    plan, *during = node_texts(comfy, train_id)
+    assert plan.startswith("memory plan: "), plan
+    notices, progress = zip(*(text.split("\n") for text in during))
     assert notices[0].startswith(f"resumed from step_000002: step_000004 is damaged ({reason}"), notices
     assert notices[0].endswith(") and was left in place") and len(set(notices)) == 1, notices
     assert [line.split(" · ")[0] for line in progress] == ["step 3/6", "step 4/6", "step 5/6", "step 6/6"]

@@ -142,16 +142,17 @@ def test_input_model_is_unchanged_by_training_success_cancel_and_failure(untrain
     assert not any("lora_" in name for name, _ in base_model.model.diffusion_model.named_modules())
 
 
-def test_training_shows_step_loss_and_time_left_on_its_node(comfy, concept_folder):
+def test_training_shows_its_memory_plan_then_step_loss_and_time_left_on_its_node(comfy, concept_folder):
     graph, ids = fine_tune_then_generate(concept_folder, "dopsd/progress_text", steps=2)
     run = comfy.run(graph)
     assert run.success, run.error or run.node_errors
     shown = [data["text"] for event, data in comfy.server.messages
              if event == "progress_text" and data["node"] == ids["train"]]
     losses = run.output(ids["train"])[2]["loss"]
-    assert len(shown) == 2
-    assert shown[0].startswith(f"step 1/2 · loss {losses[0]:.4f} · about ") and shown[0].endswith(" left")
-    assert shown[1] == f"step 2/2 · loss {losses[1]:.4f}"
+    assert len(shown) == 3
+    assert shown[0].startswith("memory plan: about ")
+    assert shown[1].startswith(f"step 1/2 · loss {losses[0]:.4f} · about ") and shown[1].endswith(" left")
+    assert shown[2] == f"step 2/2 · loss {losses[1]:.4f}"
 
 
 @pytest.mark.parametrize("step, seconds_per_step, expected", [

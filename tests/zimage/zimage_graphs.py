@@ -9,7 +9,7 @@ TRAIN_DEFAULTS = dict(
     objective="D-OPSD", steps=3, learning_rate=1e-3, rank=4, alpha=8.0, ema_decay=0.9999, loss_space="x0",
     gradient_accumulation=1, warmup_steps=0, seed=0, lora_targets="published", custom_lora_targets="",
     lora_init="gaussian", gradient_checkpointing=True,
-    checkpoint_every=0, checkpoint_folder="dopsd/checkpoints/test", resume=False, preview_every=0, keep_last=0, start_from_lora="none",
+    checkpoint_every=0, checkpoint_folder="dopsd/checkpoints/test", resume=False, preview_every=0, keep_last=0, start_from_lora="none", memory_limit_gb=0.0,
 )
 
 
@@ -19,9 +19,10 @@ def load_family(g: Graph, weight_dtype: str = "default") -> NodeRef:
                   training_schedule="published (authors')", weight_dtype=weight_dtype)
 
 
-def training_set(g: Graph, loader: NodeRef, folder: str, vision: str = MATCHING_VISION_FILE.split("/", 1)[1]) -> NodeRef:
+def training_set(g: Graph, loader: NodeRef, folder: str, vision: str = MATCHING_VISION_FILE.split("/", 1)[1],
+                 megapixels: float = TINY_MEGAPIXELS) -> NodeRef:
     dataset = g.node("DOPSDDatasetFromFolder", folder=folder, trigger_word="sks fox", placeholder="[trigger]",
-                     megapixels=TINY_MEGAPIXELS, bucket_multiple=16, allow_outside_input=False)
+                     megapixels=megapixels, bucket_multiple=16, allow_outside_input=False)
     return g.node("DOPSDTeacherContextVLM", clip=loader.out(1), vae=loader.out(2), dataset=dataset, vision_weights=vision)
 
 
