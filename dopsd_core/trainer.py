@@ -317,7 +317,9 @@ class Trainer:
         rollout(train_on_state, noise, sigmas)
         return torch.stack(losses)
 
-    def _distill_on_state(self, pair: TrainingPair, x: Tensor, sigma: Tensor, loss_scale: float) -> tuple[Tensor, Tensor]:
+    def _distill_on_state(
+        self, pair: TrainingPair, x: Tensor, sigma: Tensor, loss_scale: float
+    ) -> tuple[Tensor, Tensor]:
         """One roll-out step's teacher forward, student forward and backward; returns the student's x0 and the loss."""
         with torch.no_grad(), self.adapters.use("teacher"), self._autocast():
             teacher_x0 = self.denoiser(x, sigma, pair.teacher_cond)

@@ -9,13 +9,23 @@ from math import prod
 import comfy.model_management
 import torch
 
+from ..dopsd_core import (
+    MemoryPlan,
+    StepMemoryCurve,
+    Trainer,
+    TrainingItem,
+    TrainingPair,
+    format_bytes,
+    fp8_savings,
+    plan_memory,
+)
 from ..dopsd_core.buckets import bucket_size
-from ..dopsd_core import MemoryPlan, StepMemoryCurve, Trainer, TrainingItem, TrainingPair, format_bytes, fp8_savings, plan_memory
 from .errors import node_error
 from .model_bridge import ModelSession
 from .training_set import EncodedItem
 
-# Allocator fragmentation and the step's short-lived tensors the two probes miss.
+# Allocator fragmentation, and the rest of an optimizer step the roll-out step leaves out (clipping, AdamW's and the
+# EMA's temporaries: about 2 % on the tiny models).
 SAFETY_FACTOR = 1.1
 # Buckets are multiples of at most this many pixels (the Dataset nodes' largest bucket_multiple is 256).
 MAX_BUCKET_MULTIPLE = 256
@@ -31,8 +41,9 @@ def largest_item(training_set: list[EncodedItem]) -> EncodedItem:
 def probe_item(session: ModelSession, item: EncodedItem, shape: tuple[int, ...]) -> TrainingItem:
     """The item's first prompt variant on a latent of another size (zeros: memory does not depend on values)."""
     pair = item.pairs[0]
-    return TrainingItem(variants=[TrainingPair(session.prepare(pair.student, shape), session.prepare(pair.teacher, shape))],
-                        latent_shape=shape, target_latent=torch.zeros(shape, device=session.device), sigmas=item.sigmas)
+    variant = TrainingPair(session.prepare(pair.student, shape), session.prepare(pair.teacher, shape))
+    return TrainingItem(variants=[variant], latent_shape=shape, sigmas=item.sigmas,
+                        target_latent=torch.zeros(shape, device=session.device))
 
 
 def measure_plan(session: ModelSession, trainer: Trainer, item: EncodedItem) -> tuple[MemoryPlan, StepMemoryCurve]:
@@ -55,8 +66,8 @@ def available_bytes(session: ModelSession, plan: MemoryPlan, limit_gb: float) ->
 def check_memory(node, session: ModelSession, trainer: Trainer, training_set: list[EncodedItem], limit_gb: float,
                  checkpointed_trainer) -> str:
     """Plan the run's memory and stop it, naming settings that fit, when the device cannot hold it (or a roll-out
-    step ran out of memory while being measured). Returns the line the node shows. `checkpointed_trainer()` builds the same trainer with gradient checkpointing on (asked only
-    when this one has it off and does not fit)."""
+    step ran out of memory while being measured). Returns the line the node shows. `checkpointed_trainer()` builds
+    the same trainer with gradient checkpointing on (called only when this one has it off and does not fit)."""
     item = largest_item(training_set)
     try:
         plan, curve = measure_plan(session, trainer, item)
@@ -133,5 +144,6 @@ def bucket_latent_shape(item: EncodedItem, megapixels: float) -> tuple[int, ...]
     """The latent shape `item` gets from the Dataset node at `megapixels` (its bucket multiple read off its size)."""
     *lead, latent_height, latent_width = item.latent.shape
     height, width = item.image.shape[1:3]
-    bucket_width, bucket_height = bucket_size(width, height, int(megapixels * 1e6), math.gcd(height, width, MAX_BUCKET_MULTIPLE))
+    multiple = math.gcd(height, width, MAX_BUCKET_MULTIPLE)
+    bucket_width, bucket_height = bucket_size(width, height, int(megapixels * 1e6), multiple)
     return (*lead, bucket_height * latent_height // height, bucket_width * latent_width // width)

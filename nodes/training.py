@@ -286,8 +286,9 @@ def train(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, s
                                checkpointed_modules=blocks if checkpointing else ())
 
             trainer = make_trainer(gradient_checkpointing)
-            show_on_node(check_memory(DOPSDTrain, session, trainer, training_set, memory_limit_gb,
-                                      None if gradient_checkpointing else lambda: make_trainer(True)), running_node_id())
+            checkpointed_trainer = None if gradient_checkpointing else lambda: make_trainer(True)
+            plan = check_memory(DOPSDTrain, session, trainer, training_set, memory_limit_gb, checkpointed_trainer)
+            show_on_node(plan, running_node_id())
             notice = resume_from_newest_intact(trainer, config.checkpoint_dir) if resume else None
             monitor = TrainingMonitor(session, model.model.latent_format, trainer, preview_every, notice)
             run_to_the_end(trainer, monitor)

@@ -187,6 +187,25 @@ def teacher_ceiling(runtime, base: Path, prompts: Prompts, base_model: Measured)
     return measure(sample(NATIVE_STEPS), sample(4 * NATIVE_STEPS), base_model.images["base"], prompts)
 
 
+def decoder_ceiling(base: Path, prompts: Prompts, seed: int = 8) -> Measured:
+    """Other real renders of the held-out prompts encoded and decoded by the world's VAE: the best any model that
+    draws through this decoder can score (the world's VAE is small and soft; every row is limited by it)."""
+    import comfy.sd
+    import comfy.utils
+    import torch
+
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(base / "models" / models.WEIGHT_FILES["vae.safetensors"])))
+    rng = np.random.default_rng(seed)
+
+    @torch.inference_mode()
+    def round_trip(scenes) -> np.ndarray:
+        pixels = torch.from_numpy(render_batch([restyle(scene, rng) for scene in scenes]))
+        return vae.decode(vae.encode(pixels)).float().numpy()
+
+    concept = round_trip(prompts.concept_scenes)
+    return measure(concept, concept, round_trip(prompts.base_scenes), prompts)
+
+
 def save_grid(rows: dict[str, Measured], path: Path, images_per_prompt: int, columns: int = 8) -> Path:
     """Rows: methods; columns: held-out concept prompts (first image of each), at 8 steps, then at 32."""
     cell, label = 96, 110
@@ -232,7 +251,8 @@ def run_experiment(out: Path, scale: Scale = Scale(), weights: Path = models.WEI
     prompts = Prompts.held_out(scale)
     began = time.perf_counter()
     base_model = sample_method(runtime, prompts, None)
-    rows = {"base model (no LoRA)": [base_model],
+    rows = {"real renders through the VAE (ceiling)": [decoder_ceiling(out / "comfyui", prompts)],
+            "base model (no LoRA)": [base_model],
             "teacher (base + image context)": [teacher_ceiling(runtime, out / "comfyui", prompts, base_model)]}
     log(f"base and teacher measured ({time.perf_counter() - began:.0f} s)")
     search = {}

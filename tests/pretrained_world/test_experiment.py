@@ -9,7 +9,8 @@ from PIL import Image
 
 from devkit.paths import REPO_ROOT
 
-ROWS = ("base model (no LoRA)", "teacher (base + image context)", "D-OPSD LoRA (lr 0.0001)", "SFT LoRA (lr 0.0001)")
+ROWS = ("real renders through the VAE (ceiling)", "base model (no LoRA)", "teacher (base + image context)",
+        "D-OPSD LoRA (lr 0.0001)", "SFT LoRA (lr 0.0001)")
 
 
 def test_the_experiment_writes_its_table_search_and_grid(built, tmp_path):
