@@ -349,8 +349,8 @@ class Trainer:
 
     def step_memory(self, item: TrainingItem) -> int:
         """Peak bytes one roll-out step on ``item`` allocates on the device (one micro-step for SFT), with the
-        student's gradients already allocated: what ``memory_plan`` extrapolates from. Leaves no gradients and
-        the random state as it was."""
+        student's gradients already allocated: the measurement ``memory_plan.plan_memory`` is made of. Leaves no
+        gradients and the random state as it was."""
         random_state = self._random_state()
         pair = item.variants[0]
         parameters = self.adapters.student_parameters()

@@ -44,8 +44,8 @@ from .families import (
 )
 from .item_schedules import require_matching_step_count
 from .loading import BASE_MODEL_NAME_OPTION
-from .memory_check import check_memory
 from .lora_io import TrainedLora, adapter_state_from_comfy_lora, apply_lora, comfy_lora_tensors, output_slice_layout
+from .memory_check import check_memory
 from .node_text import running_node_id, show_on_node
 from .model_bridge import (
     ModelSession,
