@@ -82,7 +82,7 @@ def check_memory(node, session: ModelSession, trainer: Trainer, training_set: li
     logging.info("DOPSDTrain %s", note)
     if plan.step_measured and plan.training * SAFETY_FACTOR <= available:
         return note
-    fixes = settings_that_fit(session, trainer, plan, curve, training_set, available, checkpointed_trainer)
+    fixes = settings_that_fit(session, trainer, plan, curve, item, training_set, available, checkpointed_trainer)
     needs = (f"needs {format_bytes(plan.training * SAFETY_FACTOR)}" if plan.step_measured else
              f"ran out of memory in a roll-out step at the images' full size; it needs more than "
              f"{format_bytes(plan.training * SAFETY_FACTOR)}")
@@ -92,8 +92,8 @@ def check_memory(node, session: ModelSession, trainer: Trainer, training_set: li
 
 
 def settings_that_fit(session: ModelSession, trainer: Trainer, plan: MemoryPlan, curve: StepMemoryCurve,
-                      training_set: list[EncodedItem], available: int, checkpointed_trainer) -> list[str]:
-    item = largest_item(training_set)
+                      item: EncodedItem, training_set: list[EncodedItem], available: int,
+                      checkpointed_trainer) -> list[str]:
     fixes = []
     if checkpointed_trainer is not None:
         checkpointed, _ = measure_plan(session, checkpointed_trainer(), item)
@@ -106,7 +106,7 @@ def settings_that_fit(session: ModelSession, trainer: Trainer, plan: MemoryPlan,
         fits = plan.step_measured and plan.training * SAFETY_FACTOR <= available + savings
         verdict = "fits" if fits else "is not enough alone"
         fixes.append(f"load the model with weight_dtype fp8_e4m3fn (frees {format_bytes(savings)}: {verdict})")
-    megapixels = fitting_megapixels(session, trainer, plan, curve, training_set, available)
+    megapixels = fitting_megapixels(session, trainer, plan, curve, item, training_set, available)
     if megapixels is not None:
         height, width = item.image.shape[1:3]
         fixes.append(f"set the Dataset node's megapixels to {megapixels:g} or less (now {height * width / 1e6:.3g}: "
@@ -116,14 +116,13 @@ def settings_that_fit(session: ModelSession, trainer: Trainer, plan: MemoryPlan,
 
 
 def fitting_megapixels(session: ModelSession, trainer: Trainer, plan: MemoryPlan, curve: StepMemoryCurve,
-                       training_set: list[EncodedItem], available: int) -> float | None:
+                       item: EncodedItem, training_set: list[EncodedItem], available: int) -> float | None:
     """The largest Dataset megapixels (3 decimals) at which the roll-out step of the largest bucket it makes was
     measured to fit, starting from the curve's estimate and stepping down: images are cut to buckets of whole
     multiples (of other sizes for other aspect ratios) and models pad their tokens, so a size between two measured
     ones can cost more than the curve says. The teacher's context is measured as encoded now: encoded again from the
     smaller images its length can differ a little. None when nothing smaller fits."""
     step_budget = available / SAFETY_FACTOR - plan.optimizer_state
-    item = largest_item(training_set)
     latent_elements, fitting = prod(item.latent.shape), curve.largest_latent(step_budget)
     if not 0 < fitting < latent_elements:
         return None
