@@ -166,7 +166,7 @@ def memory(device: torch.device, ks: tuple[int, ...], **shape) -> None:
         model, adapters, pair, trainer = build(k, device, **shape)
         noise = torch.randn(1, 4, shape["side"], shape["side"], device=device)
         runs = {
-            "per_step": lambda: trainer.accumulate_gradients(),
+            "per_step": lambda: trainer.accumulate_gradients(0),
             "summed": lambda: reference_dopsd_backward(
                 model, adapters, pair.student_cond, pair.teacher_cond, noise, trainer.sigmas
             ),

@@ -5,7 +5,8 @@ Arithmetic only (no torch, no weights): FLOPs of one optimizer step with the aut
 per step and hours per run (2000 steps Z-Image, 3000 klein) on one H100 at a stated utilisation, and the GPU
 memory a run needs with bf16 weights, rank-64 LoRA and gradient checkpointing; then which knob (K,
 accumulation, resolution, rank, checkpointing, conditioning caching, fp8 weights) moves time and memory most; and
-which family, resolution and weight dtype fit an 8, 12, 16 or 24 GB card.
+which family, resolution and weight dtype fit an 8, 12, 16 or 24 GB card; and the hours per run on 1, 2, 4 or 8
+H100s of one node (multi_gpu/train.py: the batch split over the GPUs, the LoRA gradients all-reduced each step).
 
 Architectures (as ComfyUI builds them):
 - Z-Image-Turbo: NextDiT, dim 3840, 30 heads of 128, 30 joint layers + 2 noise-refiner layers (image
@@ -226,6 +227,9 @@ def memory(arch: Arch, knobs: Knobs) -> dict[str, float]:
 
 # What a GPU needs beyond the run's tensors: the CUDA context, cuBLAS workspaces, allocator slack.
 CUDA_OVERHEAD_GB = 1.5
+# Bus bandwidth NCCL's all_reduce reaches between the H100s of one NVLink node, conservatively (bytes/s).
+NVLINK_ALLREDUCE_BUS_BANDWIDTH = 300e9
+GPU_COUNTS = (1, 2, 4, 8)
 CARDS_GB = (8, 12, 16, 24)
 FIT_ROWS = (("zimage", 1024), ("zimage", 768), ("zimage", 512), ("klein4b", 1024), ("klein4b", 768),
             ("klein4b", 512), ("klein9b", 1024), ("klein9b", 768), ("klein9b", 512))
@@ -241,6 +245,25 @@ def print_fit_table() -> None:
             need = sum(memory(ARCHS[key], knobs).values()) / GB + CUDA_OVERHEAD_GB
             print(f"{ARCHS[key].name:21s} {resolution:5d} {dtype:>8s} {need:6.1f} "
                   + " ".join(f"{'yes' if need <= gb else '-':>7s}" for gb in CARDS_GB))
+
+
+def seconds_per_step_on(arch: Arch, knobs: Knobs, gpus: int) -> float:
+    """One optimizer step with the batch (knobs.accumulation) split over `gpus` (which must divide it), plus a ring
+    all_reduce of the float32 LoRA gradients, which does not overlap the compute (dopsd_core.data_parallel)."""
+    compute = seconds_per_step(arch, replace(knobs, accumulation=knobs.accumulation // gpus))
+    gradient_bytes = 4 * arch.lora_params(knobs.rank)
+    return compute + 2 * (gpus - 1) / gpus * gradient_bytes / NVLINK_ALLREDUCE_BUS_BANDWIDTH
+
+
+def print_gpu_count_table(utilisation: float) -> None:
+    print(f"{'model':21s} {'K':>2s} {'batch':>5s} " + " ".join(f"{f'{n} GPU h/run':>12s}" for n in GPU_COUNTS)
+          + f" {'all_reduce':>10s}")
+    for key, k, batch, steps in RUNS:
+        arch, knobs = ARCHS[key], Knobs(k=k, accumulation=batch, utilisation=utilisation)
+        hours = [f"{seconds_per_step_on(arch, knobs, n) * steps / 3600:12.2f}" if batch % n == 0 else f"{'-':>12s}"
+                 for n in GPU_COUNTS]
+        allreduce_ms = 1e3 * 2 * 4 * arch.lora_params(knobs.rank) / NVLINK_ALLREDUCE_BUS_BANDWIDTH
+        print(f"{arch.name:21s} {k:2d} {batch:5d} " + " ".join(hours) + f" {allreduce_ms:8.1f}ms")
 
 
 def seconds_per_step(arch: Arch, knobs: Knobs) -> float:
@@ -315,6 +338,10 @@ def main(argv=None) -> None:
     print()
     print(f"Which GPU fits a run (memory above + {CUDA_OVERHEAD_GB} GB for the CUDA context and allocator slack):")
     print_fit_table()
+    print()
+    print(f"Several GPUs of one node (multi_gpu/train.py; '-': the GPU count does not divide the batch; all_reduce: "
+          f"the LoRA gradients at {NVLINK_ALLREDUCE_BUS_BANDWIDTH / 1e9:.0f} GB/s bus bandwidth, per step):")
+    print_gpu_count_table(u)
 
 
 def sft_seconds(arch: Arch, knobs: Knobs) -> float:

@@ -24,6 +24,7 @@ from .checkpoints import (
     prune_checkpoints,
     save_adapter_state,
 )
+from .data_parallel import DataParallel, micro_step_generator
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, distillation_loss, flow_matching_loss, velocity_loss, x0_loss
 from .memory_plan import AllocationPeak, MemoryPlan, StepMemoryCurve, format_bytes, fp8_savings, plan_memory
@@ -60,6 +61,8 @@ __all__ = [
     "load_adapter_state",
     "load_checkpoint",
     "save_adapter_state",
+    "DataParallel",
+    "micro_step_generator",
     "gradient_checkpointing",
     "LOSS_SPACES",
     "distillation_loss",

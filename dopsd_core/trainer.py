@@ -11,7 +11,8 @@ at the state ``s_0 = sigmas[0] * noise`` and for k = 0 .. K-1
     s_{k+1}    = euler_step(s_k, student_x0.detach(), sigma_k, sigma_{k+1})
 
 then clips the gradient norm, takes an AdamW step and moves the teacher toward the student by
-EMA. (x0 is always a clean-latent prediction; the noisy states are s_k.) Every s_k is detached, so backpropagating each loss_k at once gives the gradient of the mean
+EMA. Micro-step j of optimizer step s draws from its own generator, seeded by (seed, s, j), so a
+run's draws do not depend on how its micro-steps are spread over processes (``DataParallel``). (x0 is always a clean-latent prediction; the noisy states are s_k.) Every s_k is detached, so backpropagating each loss_k at once gives the gradient of the mean
 loss (what the reference computes with one backward over all K graphs) while only one step's
 activations are alive.
 """
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 from .adapters import DualLora
 from .checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint
+from .data_parallel import DataParallel, micro_step_generator
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, LossSpace, distillation_loss, flow_matching_loss
 from .memory_plan import AllocationPeak
@@ -134,7 +136,8 @@ class TrainConfig:
 class StepReport:
     """One optimizer step. ``step`` counts completed steps from 1; ``loss`` is the objective's
     mean; ``per_step_losses`` is the loss at each roll-out step (one entry for SFT), averaged
-    over accumulation micro-steps; ``grad_norm`` is measured before clipping."""
+    over accumulation micro-steps (and processes); ``grad_norm`` is measured before clipping;
+    ``communication_seconds`` is the part of ``seconds`` spent averaging over processes."""
 
     step: int
     loss: float
@@ -142,6 +145,7 @@ class StepReport:
     grad_norm: float
     lr: float
     seconds: float
+    communication_seconds: float = 0.0
 
 
 class TrainingCancelled(Exception):
@@ -153,7 +157,9 @@ class Trainer:
     """Trains ``adapters``' student on ``items`` with D-OPSD or SFT; see the module docstring.
 
     The denoiser, model and adapters must already live on ``device``. ``checkpointed_modules``
-    are wrapped with gradient checkpointing while ``train`` runs.
+    are wrapped with gradient checkpointing while ``train`` runs. With ``data_parallel`` this
+    process runs its ``config.gradient_accumulation`` micro-steps of each optimizer step and the
+    gradients are averaged over all processes (only rank 0 writes checkpoints).
     """
 
     def __init__(
@@ -165,6 +171,7 @@ class Trainer:
         config: TrainConfig = TrainConfig(),
         device: torch.device | str = "cpu",
         checkpointed_modules: Sequence[nn.Module] = (),
+        data_parallel: DataParallel = DataParallel(),
     ):
         if not items or not all(item.variants for item in items):
             raise ValueError("training needs at least one item, each with at least one prompt variant")
@@ -188,9 +195,10 @@ class Trainer:
                     f"{len(self.sigmas) - 1}; per-item schedules must keep the step count"
                 )
         self.checkpointed_modules = list(checkpointed_modules)
+        self.data_parallel = data_parallel
+        self.batch_size = config.gradient_accumulation * data_parallel.world_size
         self.step = 0
         self.loss_history: list[float] = []  # one loss per completed step, kept across resumes
-        self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.AdamW(
             adapters.student_parameters(),
             lr=config.learning_rate,
@@ -223,7 +231,8 @@ class Trainer:
                 self.loss_history.append(reports[-1].loss)
                 if on_step is not None:
                     on_step(reports[-1])
-                if self.config.checkpoint_every > 0 and self.step % self.config.checkpoint_every == 0:
+                if (self.config.checkpoint_every > 0 and self.step % self.config.checkpoint_every == 0
+                        and self.data_parallel.rank == 0):
                     self.save_checkpoint()
         return reports
 
@@ -234,6 +243,7 @@ class Trainer:
             raise ValueError("no checkpoint folder given and config.checkpoint_dir is not set")
         trainer_state = {
             "step": self.step,
+            "batch_size": self.batch_size,
             "optimizer": self.optimizer.state_dict(),
             "random": self._random_state(),
             "losses": list(self.loss_history),
@@ -247,34 +257,45 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint written by ``save_checkpoint``; on CPU the continuation is
-        bit-identical to never having stopped."""
+        bit-identical to never having stopped. Any number of processes may continue a run as long as
+        the batch (micro-steps per optimizer step, over all of them) stays the same."""
         checkpoint = load_checkpoint(path)
+        saved_batch = checkpoint.trainer_state.get("batch_size", self.batch_size)  # older checkpoints: unchecked
+        if saved_batch != self.batch_size:
+            raise ValueError(
+                f"the checkpoint was trained with {saved_batch} roll-outs per optimizer step and this run has "
+                f"{self.batch_size}; continue it with the same batch"
+            )
         self.adapters.load_state(checkpoint.student, checkpoint.teacher)
         self.optimizer.load_state_dict(checkpoint.trainer_state["optimizer"])
         self.step = checkpoint.trainer_state["step"]
         self.loss_history = list(checkpoint.trainer_state.get("losses", []))  # older checkpoints have none
         self._set_random_state(checkpoint.trainer_state["random"])
 
-    def accumulate_gradients(self, should_cancel: Callable[[], bool] | None = None) -> Tensor:
-        """One accumulation micro-step: draw an example and add its share of the objective's
-        gradient to the student's ``.grad``. Returns its losses, one per roll-out step (D-OPSD)
-        or a single one (SFT)."""
-        micro_step = self._dopsd_micro_step if self.config.objective == "dopsd" else self._sft_micro_step
+    def accumulate_gradients(self, micro_step: int, should_cancel: Callable[[], bool] | None = None) -> Tensor:
+        """Micro-step ``micro_step`` (0 .. batch - 1) of the coming optimizer step: draw its example
+        and add its share of the objective's gradient to the student's ``.grad``. Returns its
+        losses, one per roll-out step (D-OPSD) or a single one (SFT)."""
+        generator = micro_step_generator(self.config.seed, self.step, micro_step)
+        micro = self._dopsd_micro_step if self.config.objective == "dopsd" else self._sft_micro_step
         with self.adapters.use("student"):
-            return micro_step(should_cancel or _never)
+            return micro(generator, should_cancel or _never)
 
     def _optimizer_step(self, should_cancel: Callable[[], bool]) -> StepReport:
         start = time.perf_counter()
-        random_state = self._random_state()
         try:
-            losses = torch.stack(
-                [self.accumulate_gradients(should_cancel) for _ in range(self.config.gradient_accumulation)]
-            )
+            losses = torch.stack([
+                self.accumulate_gradients(index, should_cancel)
+                for index in self.data_parallel.micro_steps(self.config.gradient_accumulation)
+            ])
         except BaseException:
             # Leave no trace of the unfinished step, so a checkpoint taken now resumes exactly.
             self.optimizer.zero_grad(set_to_none=True)
-            self._set_random_state(random_state)
             raise
+        per_step_losses = losses.mean(0)
+        communication = self.data_parallel.average_(
+            [p.grad for p in self.adapters.student_parameters()] + [per_step_losses]
+        )
         lr = self._learning_rate(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -286,7 +307,6 @@ class Trainer:
         if self.config.objective == "dopsd":
             self.adapters.ema_update(self.config.ema_decay)
         self.step += 1
-        per_step_losses = losses.mean(0)
         return StepReport(
             step=self.step,
             loss=per_step_losses.mean().item(),
@@ -294,15 +314,16 @@ class Trainer:
             grad_norm=grad_norm.item(),
             lr=lr,
             seconds=time.perf_counter() - start,
+            communication_seconds=communication,
         )
 
     def schedule_for(self, item: TrainingItem) -> Tensor:
         """The roll-out schedule of ``item``: its own ``sigmas`` if set, else the trainer's."""
         return self.sigmas if item.sigmas is None else item.sigmas.to(self.device)
 
-    def _dopsd_micro_step(self, should_cancel: Callable[[], bool]) -> Tensor:
-        item, pair = self._draw_example()
-        noise = self._draw_noise(item.batched_shape)
+    def _dopsd_micro_step(self, generator: torch.Generator, should_cancel: Callable[[], bool]) -> Tensor:
+        item, pair = self._draw_example(generator)
+        noise = self._draw_noise(item.batched_shape, generator)
         sigmas = self.schedule_for(item)
         loss_scale = 1.0 / ((len(sigmas) - 1) * self.config.gradient_accumulation)
         losses = []
@@ -330,16 +351,16 @@ class Trainer:
         (loss * loss_scale).backward()
         return student_x0, loss.detach()
 
-    def _sft_micro_step(self, should_cancel: Callable[[], bool]) -> Tensor:
-        item, pair = self._draw_example()
+    def _sft_micro_step(self, generator: torch.Generator, should_cancel: Callable[[], bool]) -> Tensor:
+        item, pair = self._draw_example(generator)
         if should_cancel():
             raise TrainingCancelled(f"cancelled during optimizer step {self.step + 1}")
-        return self._sft_on_item(item, pair)
+        return self._sft_on_item(item, pair, generator)
 
-    def _sft_on_item(self, item: TrainingItem, pair: TrainingPair) -> Tensor:
+    def _sft_on_item(self, item: TrainingItem, pair: TrainingPair, generator: torch.Generator) -> Tensor:
         x0 = item.target_latent.reshape(item.batched_shape).to(self.device, torch.float32)
-        noise = self._draw_noise(x0.shape)
-        sigma = self._draw_sft_sigma(x0.shape[0]).to(self.device)
+        noise = self._draw_noise(x0.shape, generator)
+        sigma = self._draw_sft_sigma(x0.shape[0], generator).to(self.device)
         x = noise_latent(x0, noise, append_dims(sigma, x0.ndim))
         with self._autocast():
             predicted_x0 = self.denoiser(x, sigma, pair.student_cond)
@@ -350,8 +371,8 @@ class Trainer:
     def step_memory(self, item: TrainingItem) -> int:
         """Peak bytes one roll-out step on ``item`` allocates on the device (one micro-step for SFT), with the
         student's gradients already allocated: the measurement ``memory_plan.plan_memory`` is made of. Leaves no
-        gradients and the random state as it was."""
-        random_state = self._random_state()
+        gradients."""
+        generator = micro_step_generator(self.config.seed, self.step, 0)
         pair = item.variants[0]
         parameters = self.adapters.student_parameters()
         for p in parameters:
@@ -360,27 +381,26 @@ class Trainer:
             with self._training_scope(), self.adapters.use("student"), AllocationPeak(self.device) as peak:
                 if self.config.objective == "dopsd":
                     sigma = self.schedule_for(item)[:1].expand(item.batched_shape[0])
-                    x = sigma[0] * self._draw_noise(item.batched_shape)
+                    x = sigma[0] * self._draw_noise(item.batched_shape, generator)
                     self._distill_on_state(pair, x, sigma, 1.0)
                 else:
-                    self._sft_on_item(item, pair)
+                    self._sft_on_item(item, pair, generator)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-            self._set_random_state(random_state)
         return peak.peak
 
-    def _draw_example(self) -> tuple[TrainingItem, TrainingPair]:
-        item = self.items[int(torch.randint(len(self.items), (), generator=self.generator))]
-        return item, item.variants[int(torch.randint(len(item.variants), (), generator=self.generator))]
+    def _draw_example(self, generator: torch.Generator) -> tuple[TrainingItem, TrainingPair]:
+        item = self.items[int(torch.randint(len(self.items), (), generator=generator))]
+        return item, item.variants[int(torch.randint(len(item.variants), (), generator=generator))]
 
-    def _draw_noise(self, shape: Sequence[int]) -> Tensor:
+    def _draw_noise(self, shape: Sequence[int], generator: torch.Generator) -> Tensor:
         # Drawn on the CPU so a seed gives the same noise on every device.
-        return torch.randn(tuple(shape), generator=self.generator).to(self.device)
+        return torch.randn(tuple(shape), generator=generator).to(self.device)
 
-    def _draw_sft_sigma(self, batch_size: int) -> Tensor:
+    def _draw_sft_sigma(self, batch_size: int, generator: torch.Generator) -> Tensor:
         if self.config.sft_sigma_sampling == "uniform":
-            return 1.0 - torch.rand(batch_size, generator=self.generator)  # (0, 1]: sigma = 0 has no velocity
-        normal = torch.randn(batch_size, generator=self.generator)
+            return 1.0 - torch.rand(batch_size, generator=generator)  # (0, 1]: sigma = 0 has no velocity
+        normal = torch.randn(batch_size, generator=generator)
         return torch.sigmoid(self.config.sft_logit_mean + self.config.sft_logit_std * normal)
 
     def _learning_rate(self, step: int) -> float:
@@ -403,13 +423,11 @@ class Trainer:
 
     def _random_state(self) -> dict[str, Tensor | None]:
         return {
-            "generator": self.generator.get_state(),
             "torch_cpu": torch.get_rng_state(),
             "torch_cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
     def _set_random_state(self, state: dict[str, Tensor | None]) -> None:
-        self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_cpu"])
         if state["torch_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["torch_cuda"], self.device)

@@ -7,6 +7,7 @@ from .rollout_preview import DOPSDRolloutPreview
 from .teacher_reference import DOPSDTeacherContextEdit, DOPSDTeacherContextReference
 from .teacher_vlm import DOPSDTeacherContextVLM
 from .training import DOPSDTrain
+from .training_job import DOPSDExportTrainingJob
 
 NODES = [
     DOPSDLoadModel,
@@ -18,5 +19,6 @@ NODES = [
     DOPSDScheduleFlux2PerImage,
     DOPSDRolloutPreview,
     DOPSDTrain,
+    DOPSDExportTrainingJob,
     DOPSDSaveLoRA,
 ]

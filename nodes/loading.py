@@ -14,6 +14,7 @@ from .families import CUSTOM, DEFAULT_IMAGE_TOKENS, FAMILIES, PUBLISHED_SCHEDULE
 
 PRESET_TEXT_ENCODER = "from preset"
 BASE_MODEL_NAME_OPTION = "dopsd_base_model"  # the MODEL's file name, recorded in the trained LoRA's header
+WEIGHT_DTYPE_OPTION = "dopsd_weight_dtype"  # how the loader keeps its weights, for a job that loads it again
 # Custom models: the model's own schedule, at the steps few-step models are usually run with.
 CUSTOM_INFERENCE_STEPS = 8
 CUSTOM_TRAINING_STEPS = 4
@@ -102,6 +103,7 @@ class DOPSDLoadModel(io.ComfyNode):
         model = comfy.sd.load_diffusion_model(folder_paths.get_full_path_or_raise("diffusion_models", diffusion_model),
                                               model_options=dict(WEIGHT_DTYPES[weight_dtype]))
         model.model_options[BASE_MODEL_NAME_OPTION] = diffusion_model
+        model.model_options[WEIGHT_DTYPE_OPTION] = weight_dtype
         clip = comfy.sd.load_clip(
             ckpt_paths=[folder_paths.get_full_path_or_raise("text_encoders", text_encoder)],
             embedding_directory=folder_paths.get_folder_paths("embeddings"),

@@ -5,6 +5,7 @@ import json
 import logging
 import time
 from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
 from typing import Protocol
 
 import comfy.model_management
@@ -67,10 +68,57 @@ def base_model_name(model) -> str:
     return model.model_options.get(BASE_MODEL_NAME_OPTION) or f"{type(model.model.model_config).__name__} (stock loader)"
 
 
+def hyperparameter_inputs() -> list:
+    """The training hyper-parameters, as DOPSDTrain and the job export take them."""
+    defaults, recipe, spec = TrainConfig(), ZIMAGE_TURBO.recipe, LoraSpec()
+    return [
+        io.Combo.Input("objective", options=list(OBJECTIVES), default="D-OPSD",
+                       tooltip="D-OPSD keeps few-step quality. SFT is plain fine-tuning on noised targets, "
+                               "for comparison: it learns the concept but blurs at few steps."),
+        io.Int.Input("steps", default=recipe.steps, min=1, max=1_000_000,
+                     tooltip="Optimizer steps in total (also when resuming). Authors: 2000 for Z-Image, 3000 for "
+                             "klein."),
+        io.Float.Input("learning_rate", default=recipe.learning_rate, min=0.0, max=1.0, step=1e-6,
+                       round=False, tooltip="AdamW. Authors: 1e-4 for Z-Image, 2e-5 for klein 4B and 9B (concept "
+                                            "and edit tuning)."),
+        io.Int.Input("rank", default=spec.rank, min=1, max=1024,
+                     tooltip="LoRA rank (authors: 64). Lower: a smaller file and fewer details learned."),
+        io.Float.Input("alpha", default=spec.alpha, min=0.0, max=4096.0, step=1.0,
+                       tooltip="LoRA scale numerator: updates are scaled by alpha / rank (authors: 128, twice "
+                               "the rank). Change it together with rank."),
+        io.Combo.Input("lora_init", options=list(LORA_INITS), default="gaussian",
+                       tooltip="How the LoRA's down-projection starts (up starts at 0 either way). Authors: "
+                               "gaussian, N(0, 1/rank²); peft's Kaiming default gives smaller early updates."),
+        io.Float.Input("ema_decay", default=defaults.ema_decay, min=0.0, max=1.0, step=1e-5, round=False,
+                       tooltip="The teacher adapter follows the student as an EMA with this decay."),
+        io.Combo.Input("loss_space", options=["x0", "velocity"], default=defaults.loss_space,
+                       tooltip="x0 (authors): MSE between student and teacher clean-image predictions. "
+                               "velocity: the paper's form, the same loss weighted by 1/sigma² (more weight "
+                               "on the late, low-noise steps)."),
+        io.Int.Input("gradient_accumulation", default=recipe.gradient_accumulation, min=1, max=1024,
+                     tooltip="Roll-outs averaged per optimizer step. The authors trained with one roll-out on "
+                             "each of 4 GPUs (8 for klein edit tuning): 4 (8) here gives their batch."),
+        io.Int.Input("warmup_steps", default=defaults.warmup_steps, min=0, max=100_000,
+                     tooltip="The learning rate rises linearly over this many steps (authors: 0, constant)."),
+        io.Int.Input("seed", default=defaults.seed, min=0, max=2**63 - 1, control_after_generate=False,
+                     tooltip="Fixed, so queueing again reuses the trained result instead of retraining."),
+        io.Combo.Input("lora_targets", options=list(LORA_TARGET_CHOICES), default=LORA_TARGET_CHOICES[0],
+                       tooltip="'published': the layers the authors' LoRA reaches (Z-Image: attention and "
+                               "feed-forward of every block; klein: the double blocks' attention only). "
+                               "'attention + feed-forward': every block's attention and MLP. q, k and v get "
+                               "separate adapters."),
+        io.String.Input("custom_lora_targets", default="",
+                        tooltip="With lora_targets 'custom regex': a regex matching whole module names of the "
+                                "diffusion model, e.g. 'layers\\.\\d+\\.attention\\.(qkv|out)'."),
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Recompute block activations during backward: about 2.4x less memory for "
+                                 "about 30% more time. Turn off only with memory to spare."),
+    ]
+
+
 class DOPSDTrain(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        defaults, recipe, spec = TrainConfig(), ZIMAGE_TURBO.recipe, LoraSpec()
         return io.Schema(
             node_id="DOPSDTrain",
             display_name="Train LoRA with D-OPSD",
@@ -86,47 +134,7 @@ class DOPSDTrain(io.ComfyNode):
                 TRAINING_SET.Input("training_set", tooltip="From a teacher-context node (klein: through Training "
                                                            "Schedule per Image Size)."),
                 io.Sigmas.Input("training_sigmas", tooltip="The roll-out schedule; must end at 0."),
-                io.Combo.Input("objective", options=list(OBJECTIVES), default="D-OPSD",
-                               tooltip="D-OPSD keeps few-step quality. SFT is plain fine-tuning on noised targets, "
-                                       "for comparison: it learns the concept but blurs at few steps."),
-                io.Int.Input("steps", default=recipe.steps, min=1, max=1_000_000,
-                             tooltip="Optimizer steps in total (also when resuming). Authors: 2000 for Z-Image, 3000 for "
-                                     "klein."),
-                io.Float.Input("learning_rate", default=recipe.learning_rate, min=0.0, max=1.0, step=1e-6,
-                               round=False, tooltip="AdamW. Authors: 1e-4 for Z-Image, 2e-5 for klein 4B and 9B (concept "
-                                                    "and edit tuning)."),
-                io.Int.Input("rank", default=spec.rank, min=1, max=1024,
-                             tooltip="LoRA rank (authors: 64). Lower: a smaller file and fewer details learned."),
-                io.Float.Input("alpha", default=spec.alpha, min=0.0, max=4096.0, step=1.0,
-                               tooltip="LoRA scale numerator: updates are scaled by alpha / rank (authors: 128, twice "
-                                       "the rank). Change it together with rank."),
-                io.Combo.Input("lora_init", options=list(LORA_INITS), default="gaussian",
-                               tooltip="How the LoRA's down-projection starts (up starts at 0 either way). Authors: "
-                                       "gaussian, N(0, 1/rank²); peft's Kaiming default gives smaller early updates."),
-                io.Float.Input("ema_decay", default=defaults.ema_decay, min=0.0, max=1.0, step=1e-5, round=False,
-                               tooltip="The teacher adapter follows the student as an EMA with this decay."),
-                io.Combo.Input("loss_space", options=["x0", "velocity"], default=defaults.loss_space,
-                               tooltip="x0 (authors): MSE between student and teacher clean-image predictions. "
-                                       "velocity: the paper's form, the same loss weighted by 1/sigma² (more weight "
-                                       "on the late, low-noise steps)."),
-                io.Int.Input("gradient_accumulation", default=recipe.gradient_accumulation, min=1, max=1024,
-                             tooltip="Roll-outs averaged per optimizer step. The authors trained with one roll-out on "
-                                     "each of 4 GPUs (8 for klein edit tuning): 4 (8) here gives their batch."),
-                io.Int.Input("warmup_steps", default=defaults.warmup_steps, min=0, max=100_000,
-                             tooltip="The learning rate rises linearly over this many steps (authors: 0, constant)."),
-                io.Int.Input("seed", default=defaults.seed, min=0, max=2**63 - 1, control_after_generate=False,
-                             tooltip="Fixed, so queueing again reuses the trained result instead of retraining."),
-                io.Combo.Input("lora_targets", options=list(LORA_TARGET_CHOICES), default=LORA_TARGET_CHOICES[0],
-                               tooltip="'published': the layers the authors' LoRA reaches (Z-Image: attention and "
-                                       "feed-forward of every block; klein: the double blocks' attention only). "
-                                       "'attention + feed-forward': every block's attention and MLP. q, k and v get "
-                                       "separate adapters."),
-                io.String.Input("custom_lora_targets", default="",
-                                tooltip="With lora_targets 'custom regex': a regex matching whole module names of the "
-                                        "diffusion model, e.g. 'layers\\.\\d+\\.attention\\.(qkv|out)'."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute block activations during backward: about 2.4x less memory for "
-                                         "about 30% more time. Turn off only with memory to spare."),
+                *hyperparameter_inputs(),
                 io.Int.Input("checkpoint_every", default=0, min=0, max=1_000_000,
                              tooltip="Save a resumable checkpoint every N steps (0: off)."),
                 io.String.Input("checkpoint_folder", default="dopsd/checkpoints/my_concept",
@@ -162,36 +170,65 @@ class DOPSDTrain(io.ComfyNode):
                 ema_decay, loss_space, gradient_accumulation, warmup_steps, seed, lora_targets, custom_lora_targets,
                 gradient_checkpointing, checkpoint_every, checkpoint_folder, resume, preview_every,
                 keep_last, start_from_lora, memory_limit_gb) -> io.NodeOutput:
-        require_flow_model(model, cls)
-        try:
-            sigmas = validate_sigmas(training_sigmas)
-        except ValueError as err:
-            raise node_error(cls, f"training_sigmas: {err}", "connect a schedule such as the loader's training_sigmas") from err
-        if not training_set:
-            raise node_error(cls, "the training set is empty", "connect a teacher-context node fed by a dataset")
-        require_latents_of(model, [item.latent for item in training_set], cls)
-        require_matching_step_count(training_set, sigmas, "training_sigmas", cls)
-        targets = lora_targets_for(model, lora_targets, custom_lora_targets, cls)
-        output_slices, file_keys = output_slice_layout(model.model, targets)
         checkpoint_dir = None
         if checkpoint_every > 0 or resume:
             checkpoint_dir = resolve_inside(folder_paths.get_output_directory(), checkpoint_folder, cls, "checkpoint folder")
-        config = TrainConfig(
-            objective=OBJECTIVES[objective], steps=steps, learning_rate=learning_rate, ema_decay=ema_decay,
-            loss_space=loss_space, gradient_accumulation=gradient_accumulation, warmup_steps=warmup_steps,
-            seed=seed, checkpoint_every=checkpoint_every, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-            keep_last=keep_last,
-        )
+        run = RunSettings.check(
+            cls, model, training_set, training_sigmas, objective=objective, steps=steps, learning_rate=learning_rate,
+            rank=rank, alpha=alpha, lora_init=lora_init, ema_decay=ema_decay, loss_space=loss_space,
+            gradient_accumulation=gradient_accumulation, warmup_steps=warmup_steps, seed=seed,
+            lora_targets=lora_targets, custom_lora_targets=custom_lora_targets, checkpoint_every=checkpoint_every,
+            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, keep_last=keep_last)
         with torch.inference_mode(False), torch.enable_grad():
-            spec = LoraSpec(rank, alpha, targets, init=LORA_INITS[lora_init], seed=seed, output_slices=output_slices)
             start = None if start_from_lora == NO_LORA else load_starting_lora(start_from_lora)
-            lora, losses, previews = train(model, training_set, sigmas, config, spec, file_keys,
+            lora, losses, previews = train(model, training_set, run.sigmas, run.config, run.spec, run.file_keys,
                                            gradient_checkpointing, resume, preview_every, start, memory_limit_gb)
-        metadata = lora_metadata(model, training_set, sigmas, config, spec, objective, lora_targets)
+        metadata = run.lora_metadata(model, training_set)
         if start is not None:
             metadata["dopsd.started_from"] = start_from_lora
         trained = TrainedLora(lora, metadata)
         return io.NodeOutput(apply_lora(model, trained), trained, {"loss": losses}, {"samples": previews})
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """A training run's settings, checked against the model and the training set: the roll-out schedule, the
+    trainer's config, the LoRA layout and the LoRA file's key for each sliced adapter."""
+
+    sigmas: torch.Tensor
+    config: TrainConfig
+    spec: LoraSpec
+    file_keys: dict[str, str]
+    objective: str
+    lora_targets_choice: str
+
+    @classmethod
+    def check(cls, node, model, training_set: list[EncodedItem], training_sigmas, *, objective, steps, learning_rate,
+              rank, alpha, lora_init, ema_decay, loss_space, gradient_accumulation, warmup_steps, seed, lora_targets,
+              custom_lora_targets, checkpoint_every=0, checkpoint_dir=None, keep_last=0) -> "RunSettings":
+        """The node's inputs as settings, or a node error that says what to connect or change."""
+        require_flow_model(model, node)
+        try:
+            sigmas = validate_sigmas(training_sigmas)
+        except ValueError as err:
+            raise node_error(node, f"training_sigmas: {err}", "connect a schedule such as the loader's training_sigmas") from err
+        if not training_set:
+            raise node_error(node, "the training set is empty", "connect a teacher-context node fed by a dataset")
+        require_latents_of(model, [item.latent for item in training_set], node)
+        require_matching_step_count(training_set, sigmas, "training_sigmas", node)
+        targets = lora_targets_for(model, lora_targets, custom_lora_targets, node)
+        output_slices, file_keys = output_slice_layout(model.model, targets)
+        config = TrainConfig(
+            objective=OBJECTIVES[objective], steps=steps, learning_rate=learning_rate, ema_decay=ema_decay,
+            loss_space=loss_space, gradient_accumulation=gradient_accumulation, warmup_steps=warmup_steps,
+            seed=seed, checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, keep_last=keep_last,
+        )
+        spec = LoraSpec(rank, alpha, targets, init=LORA_INITS[lora_init], seed=seed, output_slices=output_slices)
+        return cls(sigmas, config, spec, file_keys, objective, lora_targets)
+
+    def lora_metadata(self, model, training_set: list[EncodedItem]) -> dict[str, str]:
+        return lora_metadata(model, training_set, self.sigmas, self.config, self.spec, self.objective,
+                             self.lora_targets_choice)
 
 
 def lora_metadata(model, training_set: list[EncodedItem], sigmas, config: TrainConfig, spec: LoraSpec,

@@ -33,6 +33,7 @@ NOT_COPIED = {".git", ".venv", ".venv-comfy033", ".comfyui", "output", "test-art
 CORE_TRAINER = "tests/core/test_core_trainer.py"
 ZIMAGE_E2E = "tests/zimage/test_zimage_end_to_end.py"
 ZIMAGE_PROMISES = "tests/zimage/test_zimage_promises.py"
+MULTI_GPU = "tests/multi_gpu/test_training_jobs.py"
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,16 @@ MUTATIONS = (
              '        self.loss_history = list(checkpoint.trainer_state.get("losses", []))  # older checkpoints have none\n',
              ""),),
         ("tests/core/test_core_checkpoints.py",)),
+    Mutation("ranks_draw_alike", "every process runs the same micro-steps instead of its own share of the batch", (
+        Edit("dopsd_core/data_parallel.py", "return range(self.rank * per_process, (self.rank + 1) * per_process)",
+             "return range(per_process)"),),
+        (f"{MULTI_GPU}::test_two_processes_train_what_one_process_trains_with_twice_the_accumulation",)),
+    Mutation("gradients_summed", "the processes' gradients are summed, not averaged", (
+        Edit("dopsd_core/data_parallel.py", "            flat /= self.world_size\n", ""),),
+        (f"{MULTI_GPU}::test_two_processes_train_what_one_process_trains_with_twice_the_accumulation",)),
+    Mutation("draws_ignore_step", "a micro-step's draws do not depend on the optimizer step", (
+        Edit("dopsd_core/data_parallel.py", "SeedSequence([seed, step, index])", "SeedSequence([seed, index])"),),
+        ("tests/core/test_core_training_jobs.py",)),
 )
 
 

@@ -55,7 +55,7 @@ def test_equal_contexts_and_adapters_give_zero_loss_and_zero_gradient():
     pair, _ = toy_pair(2)
     same_context = TrainingPair(pair.student_cond, pair.student_cond)
     trainer = Trainer(model, adapters, [TrainingItem([same_context], (4, 8, 8))], SIGMAS)
-    losses = trainer.accumulate_gradients()
+    losses = trainer.accumulate_gradients(0)
     assert losses.shape == (4,) and torch.count_nonzero(losses) == 0
     assert all(torch.count_nonzero(grad) == 0 for grad in gradients(adapters))
 
@@ -73,7 +73,7 @@ def test_backward_per_rollout_step_equals_one_backward_of_the_summed_loss():
         return model(x, sigma, cond)
 
     trainer = Trainer(recording_denoiser, adapters, [TrainingItem([pair], (4, 8, 8))], SIGMAS)
-    per_step_losses = trainer.accumulate_gradients()
+    per_step_losses = trainer.accumulate_gradients(0)
     per_step_gradients = gradients(adapters)
     for p in adapters.student_parameters():
         p.grad = None
@@ -170,8 +170,8 @@ def test_training_is_deterministic_under_the_seed():
 
 
 def test_velocity_loss_space_weights_each_rollout_step_by_one_over_sigma_squared():
-    x0_space = make_trainer().accumulate_gradients()
-    velocity_space = make_trainer(loss_space="velocity").accumulate_gradients()
+    x0_space = make_trainer().accumulate_gradients(0)
+    velocity_space = make_trainer(loss_space="velocity").accumulate_gradients(0)
     torch.testing.assert_close(velocity_space, x0_space / SIGMAS[:-1] ** 2)
 
 
@@ -287,11 +287,11 @@ def test_accumulated_gradient_is_the_mean_of_separate_micro_step_gradients(objec
     settings = {"objective": objective, "grad_clip": 0.0}
     accumulated = make_trainer(gradient_accumulation=3, **settings)
     separate = make_trainer(gradient_accumulation=1, **settings)
-    for _ in range(3):
-        accumulated.accumulate_gradients()
+    for index in range(3):
+        accumulated.accumulate_gradients(index)
     mean = None
-    for _ in range(3):
-        separate.accumulate_gradients()
+    for index in range(3):
+        separate.accumulate_gradients(index)
         single = gradients(separate.adapters)
         mean = single if mean is None else [m + g for m, g in zip(mean, single)]
         separate.optimizer.zero_grad(set_to_none=True)
