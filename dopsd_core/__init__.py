@@ -25,6 +25,7 @@ from .checkpoints import (
     save_adapter_state,
 )
 from .data_parallel import DataParallel, micro_step_generator
+from .full_weights import DualWeights, shard
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, distillation_loss, flow_matching_loss, velocity_loss, x0_loss
 from .memory_plan import AllocationPeak, MemoryPlan, StepMemoryCurve, format_bytes, fp8_savings, plan_memory
@@ -63,6 +64,8 @@ __all__ = [
     "save_adapter_state",
     "DataParallel",
     "micro_step_generator",
+    "DualWeights",
+    "shard",
     "gradient_checkpointing",
     "LOSS_SPACES",
     "distillation_loss",

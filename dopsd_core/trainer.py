@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .adapters import DualLora
 from .checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint
 from .data_parallel import DataParallel, micro_step_generator
+from .full_weights import DualWeights, is_sharded
 from .gradient_checkpointing import gradient_checkpointing
 from .losses import LOSS_SPACES, LossSpace, distillation_loss, flow_matching_loss
 from .memory_plan import AllocationPeak
@@ -155,6 +156,8 @@ class TrainingCancelled(Exception):
 
 class Trainer:
     """Trains ``adapters``' student on ``items`` with D-OPSD or SFT; see the module docstring.
+    ``adapters`` is a DualLora (LoRA training) or a DualWeights (full fine-tuning; checkpoints are
+    LoRA-only for now).
 
     The denoiser, model and adapters must already live on ``device``. ``checkpointed_modules``
     are wrapped with gradient checkpointing while ``train`` runs. With ``data_parallel`` this
@@ -165,7 +168,7 @@ class Trainer:
     def __init__(
         self,
         denoiser: Denoiser,
-        adapters: DualLora,
+        adapters: DualLora | DualWeights,
         items: Sequence[TrainingItem],
         sigmas: Tensor | Sequence[float],
         config: TrainConfig = TrainConfig(),
@@ -293,15 +296,17 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise
         per_step_losses = losses.mean(0)
-        communication = self.data_parallel.average_(
-            [p.grad for p in self.adapters.student_parameters()] + [per_step_losses]
-        )
+        # Sharded weights' gradients were averaged by FSDP during the backward.
+        unsharded = [p.grad for p in self.adapters.student_parameters() if not is_sharded(p)]
+        communication = self.data_parallel.average_(unsharded + [per_step_losses])
         lr = self._learning_rate(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grad_norm = nn.utils.clip_grad_norm_(
             self.adapters.student_parameters(), self.config.grad_clip if self.config.grad_clip > 0 else math.inf
         )
+        if is_sharded(grad_norm):
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.config.objective == "dopsd":

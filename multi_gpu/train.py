@@ -28,6 +28,8 @@ import torch.distributed as dist
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_MODULE = "comfyui_dopsd"
 LORA_FILE = "lora.safetensors"
+FULL_MODEL_FILE = "diffusion_model.safetensors"
+FULL_MODEL_DTYPE = torch.bfloat16  # as Z-Image and FLUX.2 ship their weights
 LOG_FILE = "training_log.jsonl"  # a line per optimizer step: step, loss, grad_norm, lr, seconds, communication_seconds
 
 
@@ -38,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the ComfyUI folder (default: the one this pack is installed in)")
     parser.add_argument("--model-file", type=Path, default=None,
                         help="the diffusion model file (default: the job's file name in models/diffusion_models)")
+    parser.add_argument("--full", action="store_true",
+                        help="full fine-tuning: every weight of the diffusion model trained, the teacher an EMA of "
+                             "all of them, sharded over the processes with FSDP2; writes JOB_FOLDER/" + "diffusion_model"
+                             ".safetensors for Load Diffusion Model instead of a LoRA (no checkpoints yet)")
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="stop after this optimizer step, with a checkpoint, e.g. to fit a cluster's time limit; "
                              "run the same command again to continue")
@@ -115,9 +121,12 @@ def checked_job(args, rank: int, world_size: int):
     try:
         job = read_job(args.job)
         accumulation = job.per_process_accumulation(world_size)
-        if args.stop_at_step is not None and job.config.checkpoint_every <= 0:
+        if args.stop_at_step is not None and (args.full or job.config.checkpoint_every <= 0):
             raise JobError("--stop-at-step needs checkpoints to continue from: export the job with checkpoint_every "
-                           "above 0")
+                           "above 0" + (" (and full fine-tuning writes none yet)" if args.full else ""))
+        if args.full and job.model.weight_dtype != "default":
+            raise JobError(f"full fine-tuning trains the weights themselves, which cannot be kept in "
+                           f"{job.model.weight_dtype}: export the job with the loader's weight_dtype 'default'")
         model_path = args.model_file or model_in_comfyui(job.model.name)
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one check per machine: each has its own copy
             job.model.check(model_path)
@@ -137,9 +146,9 @@ def model_in_comfyui(name: str) -> Path:
 
 
 def train(job, accumulation: int, model_path: Path, job_folder: Path, rank: int, world_size: int,
-          stop_at_step: int | None = None) -> None:
+          stop_at_step: int | None = None, full: bool = False) -> None:
     """The job's training on this process, up to its last step or `stop_at_step`; rank 0 logs each step to
-    LOG_FILE, writes the checkpoints and, at the end, the LoRA."""
+    LOG_FILE, writes the checkpoints and, at the end, the LoRA (or with `full` the whole diffusion model)."""
     import dataclasses
     import json
 
@@ -158,13 +167,17 @@ def train(job, accumulation: int, model_path: Path, job_folder: Path, rank: int,
     config = dataclasses.replace(job.config, gradient_accumulation=accumulation,
                                  checkpoint_dir=str(job_folder / job.config.checkpoint_dir)
                                  if job.config.checkpoint_dir else None)
+    if full and config.checkpoint_every:
+        log(rank, "full fine-tuning writes no checkpoints yet; the job's checkpoint_every is not used")
+        config = dataclasses.replace(config, checkpoint_every=0, checkpoint_dir=None)
     latent_shape = tuple(job.items[0].latent.shape)
     diffusion_model = model.model.diffusion_model
     blocks = transformer_blocks(diffusion_model)
     with torch.inference_mode(False), torch.enable_grad(), model_session(model, latent_shape, training=True) as session:
         make_weights_autograd_safe(diffusion_model)
         items = prepare_items(session, list(job.items), latent_shape)
-        adapters = attach_adapters(diffusion_model, job.lora)
+        adapters = (full_weights(model.model, blocks, world_size, session.device) if full
+                    else attach_adapters(diffusion_model, job.lora))
         with adapters, allow_inplace_residuals(blocks):
             trainer = Trainer(session.predict_x0, adapters, items, job.training_sigmas.to(session.device), config,
                               session.device, checkpointed_modules=blocks if job.gradient_checkpointing else (),
@@ -194,6 +207,13 @@ def train(job, accumulation: int, model_path: Path, job_folder: Path, rank: int,
 
             trainer.train(max(0, last_step - trainer.step), on_step=on_step)
             bar.close()
+            if full:
+                state = adapters.student_state()  # every process takes part in gathering the shards
+                if rank == 0:
+                    save_lora_file(job_folder / FULL_MODEL_FILE, {k: v.to(FULL_MODEL_DTYPE) for k, v in state.items()},
+                                   full_model_metadata(job.lora_metadata))
+                    log(rank, f"wrote {job_folder / FULL_MODEL_FILE}")
+                return
             if rank != 0:
                 return
             if config.checkpoint_every > 0 and trainer.step % config.checkpoint_every:
@@ -205,6 +225,31 @@ def train(job, accumulation: int, model_path: Path, job_folder: Path, rank: int,
                                job.lora_metadata)
             save_lora_file(job_folder / LORA_FILE, dict(lora), metadata_for_file(lora))
             log(rank, f"wrote {job_folder / LORA_FILE}")
+
+
+def full_weights(base_model, blocks, world_size: int, device):
+    """The diffusion model as the student, an EMA copy of it as the teacher, both sharded with FSDP2 on several
+    processes."""
+    import copy
+
+    from comfyui_dopsd.dopsd_core import DualWeights, shard
+    from comfyui_dopsd.nodes.families import transformer_blocks
+
+    teacher = copy.deepcopy(base_model.diffusion_model)
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(torch.device(device).type, (world_size,))
+        shard(base_model.diffusion_model, blocks, mesh)
+        shard(teacher, transformer_blocks(teacher), mesh)
+    return DualWeights(base_model, "diffusion_model", teacher)
+
+
+def full_model_metadata(lora_metadata: dict[str, str]) -> dict[str, str]:
+    """The run's settings without the LoRA's own."""
+    lora_only = ("dopsd.rank", "dopsd.alpha", "dopsd.lora_targets", "dopsd.lora_targets_choice", "dopsd.lora_init",
+                 "dopsd.fused_layers")
+    return {**{k: v for k, v in lora_metadata.items() if k not in lora_only}, "dopsd.fine_tuning": "full"}
 
 
 def log(rank: int, message: str) -> None:
@@ -220,7 +265,7 @@ def main(argv=None) -> int:
         import_comfy_and_pack(comfyui_folder(args.comfyui))
         job, accumulation, model_path = checked_job(args, rank, world_size)
         log(rank, f"{world_size} process(es) × {accumulation} roll-out(s) per optimizer step, model {model_path}")
-        train(job, accumulation, model_path, args.job.resolve(), rank, world_size, args.stop_at_step)
+        train(job, accumulation, model_path, args.job.resolve(), rank, world_size, args.stop_at_step, args.full)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -164,6 +164,9 @@ MUTATIONS = (
     Mutation("gradients_summed", "the processes' gradients are summed, not averaged", (
         Edit("dopsd_core/data_parallel.py", "            flat /= self.world_size\n", ""),),
         (f"{MULTI_GPU}::test_two_processes_train_what_one_process_trains_with_twice_the_accumulation",)),
+    Mutation("full_teacher_frozen", "full fine-tuning's teacher never follows the student", (
+        Edit("dopsd_core/full_weights.py", "            teacher.lerp_(student, 1.0 - decay)\n", "            pass\n"),),
+        ("tests/core/test_core_full_weights.py",)),
     Mutation("draws_ignore_step", "a micro-step's draws do not depend on the optimizer step", (
         Edit("dopsd_core/data_parallel.py", "SeedSequence([seed, step, index])", "SeedSequence([seed, index])"),),
         ("tests/core/test_core_training_jobs.py",)),

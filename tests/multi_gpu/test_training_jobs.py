@@ -166,3 +166,36 @@ def test_the_export_node_refuses_what_a_job_cannot_carry(comfy, concept_folder):
     run = comfy.run(g.to_api())
     assert not run.success and "already exists" in run.error["exception_message"]
     assert snapshot(taken) == before
+
+
+def test_full_fine_tuning_shards_over_two_processes_and_loads_in_the_stock_loader(comfy, comfy_base, concept_folder,
+                                                                                   model_file):
+    """--full on 1 and on 2 processes (FSDP2): the same run; the written model loads in Load Diffusion Model and
+    samples, and differs from the model it started from."""
+    jobs = {n: export_job(comfy, concept_folder, f"dopsd/jobs/full_{n}", learning_rate=1e-4) for n in (1, 2)}
+    for processes, job in jobs.items():
+        run_ok(job, processes, model_file, "--full")
+        assert not (job / "lora.safetensors").exists() and not (job / "checkpoints").exists()
+    logs = [training_log(job) for job in jobs.values()]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor([e[key] for e in logs[1]]), torch.tensor([e[key] for e in logs[0]]),
+                                   rtol=1e-4, atol=0)
+    one, two = (load_file(job / "diffusion_model.safetensors") for job in jobs.values())
+    base = load_file(model_file)
+    # Every weight the loaded model has (ComfyUI 0.33 builds Z-Image without the file's unused norm_final).
+    assert one.keys() == two.keys() and one.keys() <= base.keys() and len(one) >= len(base) - 1
+    for key in one:
+        scale = one[key].float().abs().max().clamp_min(1e-6)
+        assert (two[key].float() - one[key].float()).abs().max() <= BF16_STEP * scale, key
+    assert sum(not torch.equal(one[k], base[k].to(one[k].dtype)) for k in one) > len(one) // 2, "most weights train"
+
+    shutil.copy(jobs[2] / "diffusion_model.safetensors", comfy_base / "models" / "diffusion_models" / "full_tuned.safetensors")
+    g = Graph()
+    loader = load_family(g)
+    tuned = g.node("UNETLoader", unet_name="full_tuned.safetensors", weight_dtype="default")
+    by_tuned = generate(g, tuned, loader.out(1), loader.out(2), "a photo of sks fox", "full_tuned")
+    by_base = generate(g, loader.out(0), loader.out(1), loader.out(2), "a photo of sks fox", "full_base")
+    run = comfy.run(g.to_api())
+    assert run.success, run.error or run.node_errors
+    tuned_latent, base_latent = (run.output(n.node_id)[0]["samples"] for n in (by_tuned, by_base))
+    assert torch.isfinite(tuned_latent).all() and not torch.equal(tuned_latent, base_latent)
