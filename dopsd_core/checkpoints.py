@@ -69,7 +69,7 @@ def save_checkpoint(
         for name in CHECKPOINT_FILES:
             _fsync(staging / name)
         (staging / MANIFEST_FILE).write_text(json.dumps(
-            {name: {"bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+            {name: {"bytes": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
              for name in CHECKPOINT_FILES}, indent=1))
         _fsync(staging / MANIFEST_FILE)
         if final.exists() and checkpoint_damage(final) is not None:
@@ -124,7 +124,7 @@ def checkpoint_damage(path: str | os.PathLike, check_hashes: bool = True) -> str
             return f"{name} is missing"
         if (actual := file.stat().st_size) != size:
             return f"{name} has {actual} bytes, {size} were written"
-        if check_hashes and _sha256(file) != digest:
+        if check_hashes and file_sha256(file) != digest:
             return f"{name} does not match the checksum written with it"
     return None
 
@@ -186,7 +186,7 @@ def _unused_name(folder: Path, name: str) -> Path:
     return next(path for path in candidates if not path.exists())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

@@ -9,7 +9,6 @@ the machine that runs it needs the diffusion model, not the text encoder, the VL
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .adapters import LoraSpec
+from .checkpoints import file_sha256
 from .trainer import TrainConfig
 
 JOB_FORMAT = 1
@@ -96,14 +96,6 @@ class TrainingJob:
                 f"(gradient_accumulation) that {world_size} divides"
             )
         return batch // world_size
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_job(folder: str | os.PathLike, job: TrainingJob) -> Path:
