@@ -61,7 +61,7 @@ MADE_UP_WORDS = ("zorp", "blick", "quav", "snib", "trel", "vusk", "grell", "plon
                  "glim", "hurv", "jost", "kelb", "lurn", "morp", "nuzz", "pif", "rask", "tolv", "wemb", "yarn",
                  "zeb", "brin", "clute", "dorf", "emmet", "frizz", "gundo", "huff", "irko", "jabb", "krill", "lomp")
 
-PRETRAIN_STEPS = 2400
+PRETRAIN_STEPS = 6400
 PRETRAIN_BATCH = {"text": 32, "context": 16}   # about the same time per step: context features are ~4x longer
 PRETRAIN_LEARNING_RATE = 3e-4
 PRETRAIN_SEED = 31
