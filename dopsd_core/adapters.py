@@ -269,6 +269,13 @@ class DualLora:
                 layer.lora_A[role].weight.copy_(state[name]["down"])
                 layer.lora_B[role].weight.copy_(state[name]["up"])
 
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """What a checkpoint keeps of the optimizer that steps ``student_parameters``."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
     def _check_fits(self, role: Role, state: AdapterState) -> None:
         missing, unexpected = set(self.module_names) - state.keys(), state.keys() - set(self.module_names)
         if missing or unexpected:

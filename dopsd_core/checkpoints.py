@@ -1,7 +1,8 @@
 """Training checkpoints: one folder ``step_{N:06d}`` per save, written atomically, that verifies itself.
 
 A folder holds ``student.safetensors`` and ``teacher.safetensors`` (one adapter each, keys
-``{module}.lora_down.weight``, ``{module}.lora_up.weight``, ``{module}.alpha``),
+``{module}.lora_down.weight``, ``{module}.lora_up.weight``, ``{module}.alpha``; for full fine-tuning
+the whole model's state dict, marked as such in the file's header),
 ``trainer_state.pt`` (optimizer, step, random generator states, config) and, written last,
 ``manifest.json`` with every file's size and sha256. It is assembled in a hidden temporary folder
 beside its final name and renamed into place, so a crash never leaves a partial checkpoint under a
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from .adapters import AdapterState, adapter_state_from_tensors, lora_tensors
 
@@ -33,10 +36,15 @@ _CHECKPOINT_NAME = re.compile(r"step_(\d{6,})")
 _STAGING_NAME = re.compile(r"\.step_\d{6,}\..*\.(partial|old)")
 
 
+WeightState = AdapterState | dict[str, Tensor]
+"""What a checkpoint keeps of each role: a LoRA's adapter state or, for full fine-tuning, a whole state dict."""
+_FULL_STATE = {"dopsd.state": "full state dict"}  # the header that tells the two apart in a file
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    student: AdapterState
-    teacher: AdapterState
+    student: WeightState
+    teacher: WeightState
     trainer_state: dict[str, Any]
 
 
@@ -44,18 +52,25 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def save_adapter_state(state: AdapterState, path: str | os.PathLike) -> None:
-    save_file(lora_tensors(state), os.fspath(path))
+def save_adapter_state(state: WeightState, path: str | os.PathLike) -> None:
+    if all(isinstance(value, Tensor) for value in state.values()):
+        save_file({k: v.contiguous() for k, v in state.items()}, os.fspath(path), metadata=_FULL_STATE)
+    else:
+        save_file(lora_tensors(state), os.fspath(path))
 
 
-def load_adapter_state(path: str | os.PathLike) -> AdapterState:
+def load_adapter_state(path: str | os.PathLike) -> WeightState:
+    with safe_open(os.fspath(path), framework="pt") as file:
+        full = (file.metadata() or {}) == _FULL_STATE
     tensors = load_file(os.fspath(path))
+    if full:
+        return tensors
     names = [key.removesuffix(".alpha") for key in tensors if key.endswith(".alpha")]
     return adapter_state_from_tensors(tensors, {name: name for name in names})
 
 
 def save_checkpoint(
-    folder: str | os.PathLike, step: int, student: AdapterState, teacher: AdapterState, trainer_state: dict[str, Any]
+    folder: str | os.PathLike, step: int, student: WeightState, teacher: WeightState, trainer_state: dict[str, Any]
 ) -> Path:
     """Write ``folder/step_{step:06d}`` atomically (replacing an older one of that name) and return it."""
     folder = Path(folder)

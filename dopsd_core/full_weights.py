@@ -74,6 +74,29 @@ class DualWeights:
     def teacher_state(self) -> dict[str, Tensor]:
         return _full_state(self.teacher)
 
+    def load_state(self, student: dict[str, Tensor], teacher: dict[str, Tensor] | None = None) -> None:
+        """Whole state dicts into the (possibly sharded) networks; every process passes the whole of them."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.student, student, options=options)
+        set_model_state_dict(self.teacher, student if teacher is None else teacher, options=options)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state keyed by parameter name, gathered whole (every process must call it; rank 0 gets
+        it), so that any number of processes can continue from it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.student, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        # Not strict: AdamW has no state for weights that never got a gradient (e.g. a layer the forward skips).
+        set_optimizer_state_dict(self.student, optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+
     def __enter__(self) -> "DualWeights":
         return self
 

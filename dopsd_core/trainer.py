@@ -156,8 +156,7 @@ class TrainingCancelled(Exception):
 
 class Trainer:
     """Trains ``adapters``' student on ``items`` with D-OPSD or SFT; see the module docstring.
-    ``adapters`` is a DualLora (LoRA training) or a DualWeights (full fine-tuning; checkpoints are
-    LoRA-only for now).
+    ``adapters`` is a DualLora (LoRA training) or a DualWeights (full fine-tuning).
 
     The denoiser, model and adapters must already live on ``device``. ``checkpointed_modules``
     are wrapped with gradient checkpointing while ``train`` runs. With ``data_parallel`` this
@@ -199,6 +198,7 @@ class Trainer:
                 )
         self.checkpointed_modules = list(checkpointed_modules)
         self.data_parallel = data_parallel
+        self._fine_tuning = "full" if isinstance(adapters, DualWeights) else "lora"
         self.batch_size = config.gradient_accumulation * data_parallel.world_size
         self.step = 0
         self.loss_history: list[float] = []  # one loss per completed step, kept across resumes
@@ -234,27 +234,30 @@ class Trainer:
                 self.loss_history.append(reports[-1].loss)
                 if on_step is not None:
                     on_step(reports[-1])
-                if (self.config.checkpoint_every > 0 and self.step % self.config.checkpoint_every == 0
-                        and self.data_parallel.rank == 0):
+                if self.config.checkpoint_every > 0 and self.step % self.config.checkpoint_every == 0:
                     self.save_checkpoint()
         return reports
 
-    def save_checkpoint(self, folder: str | Path | None = None) -> Path:
-        """Save the complete training state under ``folder`` (default ``config.checkpoint_dir``)."""
+    def save_checkpoint(self, folder: str | Path | None = None) -> Path | None:
+        """Save the complete training state under ``folder`` (default ``config.checkpoint_dir``). With several
+        processes every one must call it (sharded weights are gathered) and rank 0 writes (others get None)."""
         folder = folder or self.config.checkpoint_dir
         if folder is None:
             raise ValueError("no checkpoint folder given and config.checkpoint_dir is not set")
+        student, teacher = self.adapters.student_state(), self.adapters.teacher_state()
+        optimizer_state = self.adapters.optimizer_state(self.optimizer)
+        if self.data_parallel.rank != 0:
+            return None
         trainer_state = {
             "step": self.step,
             "batch_size": self.batch_size,
-            "optimizer": self.optimizer.state_dict(),
+            "fine_tuning": self._fine_tuning,
+            "optimizer": optimizer_state,
             "random": self._random_state(),
             "losses": list(self.loss_history),
             "config": dataclasses.asdict(self.config),
         }
-        saved = save_checkpoint(
-            folder, self.step, self.adapters.student_state(), self.adapters.teacher_state(), trainer_state
-        )
+        saved = save_checkpoint(folder, self.step, student, teacher, trainer_state)
         prune_checkpoints(folder, self.config.keep_last)
         return saved
 
@@ -263,6 +266,9 @@ class Trainer:
         bit-identical to never having stopped. Any number of processes may continue a run as long as
         the batch (micro-steps per optimizer step, over all of them) stays the same."""
         checkpoint = load_checkpoint(path)
+        saved_kind = checkpoint.trainer_state.get("fine_tuning", "lora")  # older checkpoints are all LoRA ones
+        if saved_kind != self._fine_tuning:
+            raise ValueError(f"the checkpoint is of a {saved_kind} fine-tune and this run is a {self._fine_tuning} one")
         saved_batch = checkpoint.trainer_state.get("batch_size", self.batch_size)  # older checkpoints: unchecked
         if saved_batch != self.batch_size:
             raise ValueError(
@@ -270,7 +276,7 @@ class Trainer:
                 f"{self.batch_size}; continue it with the same batch"
             )
         self.adapters.load_state(checkpoint.student, checkpoint.teacher)
-        self.optimizer.load_state_dict(checkpoint.trainer_state["optimizer"])
+        self.adapters.load_optimizer_state(self.optimizer, checkpoint.trainer_state["optimizer"])
         self.step = checkpoint.trainer_state["step"]
         self.loss_history = list(checkpoint.trainer_state.get("losses", []))  # older checkpoints have none
         self._set_random_state(checkpoint.trainer_state["random"])

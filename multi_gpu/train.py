@@ -8,7 +8,8 @@ ComfyUI is used as a library (its model loader and model code, no server): by de
 custom_nodes folder holds this pack, else --comfyui. The model file is looked up in that ComfyUI's
 models/diffusion_models (or given with --model-file) and must be the file the job was exported with.
 Every process runs the same Trainer on its share of each optimizer step's batch; the gradients are
-averaged (dopsd_core.data_parallel); rank 0 writes the checkpoints into JOB_FOLDER/checkpoints and the
+averaged (dopsd_core.data_parallel); rank 0 writes the checkpoints into JOB_FOLDER/checkpoints (--full:
+JOB_FOLDER/checkpoints_full) and the
 LoRA, in ComfyUI's format with the header Save LoRA writes, as JOB_FOLDER/lora.safetensors. Started
 again, a job continues from its newest intact checkpoint, on any number of processes that divides its
 batch.
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true",
                         help="full fine-tuning: every weight of the diffusion model trained, the teacher an EMA of "
                              "all of them, sharded over the processes with FSDP2; writes JOB_FOLDER/" + "diffusion_model"
-                             ".safetensors for Load Diffusion Model instead of a LoRA (no checkpoints yet)")
+                             ".safetensors for Load Diffusion Model instead of a LoRA")
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="stop after this optimizer step, with a checkpoint, e.g. to fit a cluster's time limit; "
                              "run the same command again to continue")
@@ -121,9 +122,9 @@ def checked_job(args, rank: int, world_size: int):
     try:
         job = read_job(args.job)
         accumulation = job.per_process_accumulation(world_size)
-        if args.stop_at_step is not None and (args.full or job.config.checkpoint_every <= 0):
+        if args.stop_at_step is not None and job.config.checkpoint_every <= 0:
             raise JobError("--stop-at-step needs checkpoints to continue from: export the job with checkpoint_every "
-                           "above 0" + (" (and full fine-tuning writes none yet)" if args.full else ""))
+                           "above 0")
         if args.full and job.model.weight_dtype != "default":
             raise JobError(f"full fine-tuning trains the weights themselves, which cannot be kept in "
                            f"{job.model.weight_dtype}: export the job with the loader's weight_dtype 'default'")
@@ -167,9 +168,8 @@ def train(job, accumulation: int, model_path: Path, job_folder: Path, rank: int,
     config = dataclasses.replace(job.config, gradient_accumulation=accumulation,
                                  checkpoint_dir=str(job_folder / job.config.checkpoint_dir)
                                  if job.config.checkpoint_dir else None)
-    if full and config.checkpoint_every:
-        log(rank, "full fine-tuning writes no checkpoints yet; the job's checkpoint_every is not used")
-        config = dataclasses.replace(config, checkpoint_every=0, checkpoint_dir=None)
+    if full and config.checkpoint_dir:  # a LoRA run of the same job keeps its own
+        config = dataclasses.replace(config, checkpoint_dir=config.checkpoint_dir + "_full")
     latent_shape = tuple(job.items[0].latent.shape)
     diffusion_model = model.model.diffusion_model
     blocks = transformer_blocks(diffusion_model)
@@ -207,19 +207,20 @@ def train(job, accumulation: int, model_path: Path, job_folder: Path, rank: int,
 
             trainer.train(max(0, last_step - trainer.step), on_step=on_step)
             bar.close()
+            # Every process takes part in a save (sharded weights are gathered); rank 0 writes.
+            if config.checkpoint_every > 0 and trainer.step % config.checkpoint_every:
+                trainer.save_checkpoint()
+            if trainer.step < config.steps:
+                log(rank, f"stopped after step {trainer.step} of {config.steps}; run the same command to continue")
+                return
             if full:
-                state = adapters.student_state()  # every process takes part in gathering the shards
+                state = adapters.student_state()
                 if rank == 0:
                     save_lora_file(job_folder / FULL_MODEL_FILE, {k: v.to(FULL_MODEL_DTYPE) for k, v in state.items()},
                                    full_model_metadata(job.lora_metadata))
                     log(rank, f"wrote {job_folder / FULL_MODEL_FILE}")
                 return
             if rank != 0:
-                return
-            if config.checkpoint_every > 0 and trainer.step % config.checkpoint_every:
-                trainer.save_checkpoint()
-            if trainer.step < config.steps:
-                log(rank, f"stopped after step {trainer.step} of {config.steps}; run the same command to continue")
                 return
             lora = TrainedLora(comfy_lora_tensors(adapters.student_state(), LORA_DTYPE, job.lora_file_keys),
                                job.lora_metadata)

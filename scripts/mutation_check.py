@@ -104,14 +104,14 @@ MUTATIONS = (
     Mutation("resume_restores_step_only", "resume sets the step counter but not weights, optimizer or random state", (
         Edit("dopsd_core/trainer.py",
              "        self.adapters.load_state(checkpoint.student, checkpoint.teacher)\n"
-             "        self.optimizer.load_state_dict(checkpoint.trainer_state[\"optimizer\"])\n",
+             "        self.adapters.load_optimizer_state(self.optimizer, checkpoint.trainer_state[\"optimizer\"])\n",
              ""),
         Edit("dopsd_core/trainer.py", "        self._set_random_state(checkpoint.trainer_state[\"random\"])\n", "")),
         (f"{ZIMAGE_PROMISES}::test_resumed_training_ends_with_the_lora_of_an_uninterrupted_run",)),
     Mutation("checkpoint_teacher_is_student", "checkpoints store the student as the teacher", (
         Edit("dopsd_core/trainer.py",
-             "folder, self.step, self.adapters.student_state(), self.adapters.teacher_state(), trainer_state",
-             "folder, self.step, self.adapters.student_state(), self.adapters.student_state(), trainer_state"),),
+             "student, teacher = self.adapters.student_state(), self.adapters.teacher_state()",
+             "student, teacher = self.adapters.student_state(), self.adapters.student_state()"),),
         (f"{ZIMAGE_PROMISES}::test_resumed_training_ends_with_the_lora_of_an_uninterrupted_run",)),
     Mutation("vlm_teacher_blank_image", "the VLM teacher is shown a black image instead of the target", (
         Edit("nodes/teacher_vlm.py", "image[..., :3].clamp(0, 1).float()", "image[..., :3].clamp(0, 1).mul(0).float()"),),

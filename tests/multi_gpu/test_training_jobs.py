@@ -168,28 +168,41 @@ def test_the_export_node_refuses_what_a_job_cannot_carry(comfy, concept_folder):
     assert snapshot(taken) == before
 
 
-def test_full_fine_tuning_shards_over_two_processes_and_loads_in_the_stock_loader(comfy, comfy_base, concept_folder,
-                                                                                   model_file):
-    """--full on 1 and on 2 processes (FSDP2): the same run; the written model loads in Load Diffusion Model and
-    samples, and differs from the model it started from."""
-    jobs = {n: export_job(comfy, concept_folder, f"dopsd/jobs/full_{n}", learning_rate=1e-4) for n in (1, 2)}
-    for processes, job in jobs.items():
-        run_ok(job, processes, model_file, "--full")
-        assert not (job / "lora.safetensors").exists() and not (job / "checkpoints").exists()
-    logs = [training_log(job) for job in jobs.values()]
-    for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor([e[key] for e in logs[1]]), torch.tensor([e[key] for e in logs[0]]),
-                                   rtol=1e-4, atol=0)
-    one, two = (load_file(job / "diffusion_model.safetensors") for job in jobs.values())
+def test_full_fine_tuning_shards_over_two_processes_continues_on_any_count_and_loads_in_the_stock_loader(
+        comfy, comfy_base, concept_folder, model_file):
+    """--full (FSDP2 on several processes): 1 process all the way, against 2 processes to a checkpoint then 1, and 1
+    then 2: the same run; the written model loads in Load Diffusion Model, samples, and is not the model it started
+    from."""
+    jobs = {name: export_job(comfy, concept_folder, f"dopsd/jobs/full_{name}", learning_rate=1e-4)
+            for name in ("whole", "2_then_1", "1_then_2")}
+    run_ok(jobs["whole"], 1, model_file, "--full")
+    for name, (first, then) in (("2_then_1", (2, 1)), ("1_then_2", (1, 2))):
+        run_ok(jobs[name], first, model_file, "--full", "--stop-at-step", "2")
+        assert [p.name for p in (jobs[name] / "checkpoints_full").iterdir()] == ["step_000002"]
+        assert not (jobs[name] / "diffusion_model.safetensors").exists()
+        run_ok(jobs[name], then, model_file, "--full")
+    reference = training_log(jobs["whole"])
     base = load_file(model_file)
+    whole = load_file(jobs["whole"] / "diffusion_model.safetensors")
     # Every weight the loaded model has (ComfyUI 0.33 builds Z-Image without the file's unused norm_final).
-    assert one.keys() == two.keys() and one.keys() <= base.keys() and len(one) >= len(base) - 1
-    for key in one:
-        scale = one[key].float().abs().max().clamp_min(1e-6)
-        assert (two[key].float() - one[key].float()).abs().max() <= BF16_STEP * scale, key
-    assert sum(not torch.equal(one[k], base[k].to(one[k].dtype)) for k in one) > len(one) // 2, "most weights train"
+    assert whole.keys() <= base.keys() and len(whole) >= len(base) - 1
+    assert sum(not torch.equal(whole[k], base[k].to(whole[k].dtype)) for k in whole) > len(whole) // 2, \
+        "most weights must train"
+    for name in ("2_then_1", "1_then_2"):
+        log = training_log(jobs[name])
+        assert [e["step"] for e in log] == [e["step"] for e in reference] == [1, 2, 3, 4]
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close(torch.tensor([e[key] for e in log]), torch.tensor([e[key] for e in reference]),
+                                       rtol=1e-4, atol=0)
+        resumed = load_file(jobs[name] / "diffusion_model.safetensors")
+        assert resumed.keys() == whole.keys()
+        for key in whole:
+            scale = whole[key].float().abs().max().clamp_min(1e-6)
+            assert (resumed[key].float() - whole[key].float()).abs().max() <= BF16_STEP * scale, (name, key)
+    assert not (jobs["whole"] / "lora.safetensors").exists()
 
-    shutil.copy(jobs[2] / "diffusion_model.safetensors", comfy_base / "models" / "diffusion_models" / "full_tuned.safetensors")
+    shutil.copy(jobs["1_then_2"] / "diffusion_model.safetensors",
+                comfy_base / "models" / "diffusion_models" / "full_tuned.safetensors")
     g = Graph()
     loader = load_family(g)
     tuned = g.node("UNETLoader", unet_name="full_tuned.safetensors", weight_dtype="default")
