@@ -94,23 +94,15 @@ def start_processes() -> tuple[int, int]:
     return rank, world_size
 
 
-def agree(ok: bool, world_size: int) -> bool:
-    """True on every process when it is true on all of them."""
+def extremes(value: int, world_size: int) -> tuple[int, int]:
+    """The smallest and the largest `value` over the processes (every process must call it)."""
     if world_size == 1:
-        return ok
-    flag = torch.tensor([int(ok)], device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def same_on_all(value: int, world_size: int) -> bool:
-    if world_size == 1:
-        return True
+        return value, value
     device = "cuda" if torch.cuda.is_available() else "cpu"
     low, high = torch.tensor([value], device=device), torch.tensor([value], device=device)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    return low.item() == high.item()
+    return int(low.item()), int(high.item())
 
 
 def checked_job(args, rank: int, world_size: int):
@@ -133,7 +125,7 @@ def checked_job(args, rank: int, world_size: int):
             job.model.check(model_path)
     except JobError as err:
         error = err
-    if not agree(error is None, world_size):
+    if extremes(int(error is None), world_size)[0] == 0:  # some process found an error
         raise SystemExit(f"error: {error}" if error else "error: another process found the job unusable (see its "
                                                          "message)")
     return job, accumulation, model_path
@@ -189,7 +181,8 @@ def train(job, accumulation: int, model_path: Path, job_folder: Path, rank: int,
                 if found.checkpoint is not None:
                     trainer.resume(found.checkpoint)
                     log(rank, f"continuing from {found.checkpoint} at step {trainer.step}")
-                if not same_on_all(trainer.step, world_size):
+                low, high = extremes(trainer.step, world_size)
+                if low != high:
                     raise SystemExit("error: the processes found different checkpoints in the job folder: put the job "
                                      "folder on a filesystem every machine shares")
             last_step = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
