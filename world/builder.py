@@ -63,7 +63,7 @@ MADE_UP_WORDS = ("zorp", "blick", "quav", "snib", "trel", "vusk", "grell", "plon
 
 PRETRAIN_STEPS = 6400
 PRETRAIN_BATCH = {"text": 32, "context": 16}   # about the same time per step: context features are ~4x longer
-PRETRAIN_LEARNING_RATE = 3e-4
+PRETRAIN_LEARNING_RATE = 1e-3
 PRETRAIN_SEED = 31
 EMA_DECAY = 0.998
 
