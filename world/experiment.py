@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from devkit.paths import REPO_ROOT, make_base_directory
 from world import models
 from world.evaluators import attribute_accuracy, concept_probability, frechet_distance, load_evaluator, sharpness
-from world.generate import Sampling, generate
+from world.generate import Sampling, generate, sample_conditionings
 from world.scenes import (TRIGGER, caption, concept_caption, held_out_scenes, render_batch, restyle,
                           write_concept_folder)
 
@@ -149,10 +149,6 @@ def sample_method(runtime, prompts: Prompts, lora: str | None) -> Measured:
 def teacher_ceiling(runtime, base: Path, prompts: Prompts, base_model: Measured) -> Measured:
     """The base model given the concept image as the VLM context (what D-OPSD's teacher sees), on the held-out
     concept prompts, sampled like the others; its base-prompt columns are the base model's (no context there)."""
-    import comfy.sample
-    import comfy.samplers
-    import torch
-
     folder = base / "input" / TEACHER_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "concept.png").write_bytes((base / "input" / CONCEPT_FOLDER / "concept_0.png").read_bytes())
@@ -172,17 +168,11 @@ def teacher_ceiling(runtime, base: Path, prompts: Prompts, base_model: Measured)
     model, _, vae = run.output(loader_id)[:3]
     [item] = run.output(vlm_id)[0]
     by_prompt = {pair.prompt: pair.teacher for pair in item.pairs}
+    positives = [by_prompt[prompt] for prompt in prompts.concept]
 
-    @torch.inference_mode()  # as ComfyUI's executor runs nodes
     def sample(steps: int) -> np.ndarray:
-        images = []
-        for index, prompt in enumerate(prompts.concept):
-            latent = torch.zeros(prompts.images_per_prompt, 16, 8, 8)
-            noise = comfy.sample.prepare_noise(latent, index)
-            samples = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", by_prompt[prompt],
-                                          by_prompt[prompt], latent, seed=index)
-            images.append(vae.decode(samples).numpy())
-        return np.concatenate(images)
+        return sample_conditionings(model, vae, positives, None,
+                                    Sampling(steps=steps, images_per_prompt=prompts.images_per_prompt))
 
     return measure(sample(NATIVE_STEPS), sample(4 * NATIVE_STEPS), base_model.images["base"], prompts)
 

@@ -56,3 +56,23 @@ def generate(runtime, prompts: list[str], sampling: Sampling = Sampling(), lora:
             raise RuntimeError(f"sampling {prompt!r} failed: {run.error or run.node_errors or run.validation_error}")
         images.append(run.output(output)[0].numpy())
     return np.concatenate(images)
+
+
+def sample_conditionings(model, vae, positives: list, negative, sampling: Sampling) -> np.ndarray:
+    """Like `generate`, for CONDITIONINGs no stock node makes (the teacher's image + prompt): the sampling call
+    KSampler makes, with KSampler's noise for seed sampling.seed + i, decoded by VAEDecode's VAE. `positives` holds
+    one CONDITIONING per prompt; `negative` is used where sampling.cfg is not 1."""
+    import comfy.sample
+    import torch
+
+    images = []
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        for index, positive in enumerate(positives):
+            seed = sampling.seed + index
+            latent = torch.zeros(sampling.images_per_prompt, 16, 8, 8)
+            samples = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, seed), sampling.steps,
+                                          sampling.cfg, "euler", "simple", positive,
+                                          positive if sampling.cfg == 1.0 else negative, latent, seed=seed,
+                                          disable_pbar=True)
+            images.append(vae.decode(samples).float().numpy())
+    return np.concatenate(images)

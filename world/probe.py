@@ -6,7 +6,11 @@ Takes the stage's finished weights (<build>/<stage>/dit.safetensors), or else th
 checkpoint, puts them with the built VAE and encoders into a scratch ComfyUI folder, and samples held-out base
 prompts through the stock nodes (world.generate) at 8 steps with CFG 1 and at 32 steps with CFG 3. It prints the
 evaluator's attribute accuracy (with each attribute's chance level beside it), sharpness and Fréchet distance
-against real renders of the same prompts, and writes a grid (rows: 8 steps, 32 steps, real) to <build>/probe.png.
+against real renders of the same prompts. Then the ability the D-OPSD teacher relies on: held-out one-object
+prompts whose object is named by a made-up word, with another rendering of the object as the image context (the
+teacher node's Qwen3-VL encoding), against the same prompts without the image; the object's shape and colour can
+only come from the image. Writes a grid (rows: 8 steps, 32 steps, real, context images, with context, without)
+to <build>/probe.png.
 """
 from __future__ import annotations
 
@@ -20,16 +24,18 @@ import numpy as np
 import torch
 
 from world import models
-from world.builder import built_files
+from world.builder import MADE_UP_WORDS, Encoders, Workshop, built_files, name_object
 from world.evaluators import attribute_accuracy, frechet_distance, load_evaluator, sharpness
-from world.scenes import OBJECT_COLORS, POSITIONS, SHAPES, SIZES, caption, held_out_scenes, render_batch, restyle
+from world.scenes import (OBJECT_COLORS, POSITIONS, SHAPES, SIZES, caption, held_out_scenes, pick, render_batch,
+                          rerender, restyle)
 
 SAMPLINGS = ((8, 1.0), (32, 3.0))
 PROBE_SEED = 7
 
 
-def stage_weights(out: Path, stage: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The stage's DiT weights and where they came from."""
+def stage_weights(out: Path, stage: str, raw: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The stage's DiT weights and where they came from; `raw`: a checkpoint's trained weights instead of their
+    EMA (early on, the EMA still holds a share of the initial weights: decay**step)."""
     final = out / stage / "dit.safetensors"
     if final.exists():
         return models.load_tensors(final), str(final)
@@ -37,8 +43,9 @@ def stage_weights(out: Path, stage: str) -> tuple[dict[str, torch.Tensor], str]:
     if not checkpoint.exists():
         raise SystemExit(f"{stage} has neither {final} nor {checkpoint}: build it first")
     state = torch.load(checkpoint, weights_only=True)
-    return ({k: v.float() for k, v in state["modules"]["ema"].items()},
-            f"the EMA weights of {checkpoint} at step {state['step']}")
+    kind = "dit" if raw else "ema"
+    return ({k: v.float() for k, v in state["modules"][kind].items()},
+            f"the {'trained' if raw else 'EMA'} weights of {checkpoint} at step {state['step']}")
 
 
 def chance_levels() -> dict[str, float]:
@@ -47,19 +54,38 @@ def chance_levels() -> dict[str, float]:
             "position": 1 / len(POSITIONS)}
 
 
+def context_prompts(count: int, rng) -> tuple[list, list[str], np.ndarray]:
+    """Held-out one-object scenes, their captions with the object named by a made-up word, and for each another
+    rendering of the object (elsewhere, another size and background), as the corpus's context examples are made."""
+    scenes = [scene for scene in held_out_scenes("base", 8 * count, PROBE_SEED + 1) if len(scene.objects) == 1][:count]
+    prompts = [name_object(caption(scene, rng), scene.objects[0], pick(rng, MADE_UP_WORDS)) for scene in scenes]
+    return scenes, prompts, render_batch([rerender(scene, rng) for scene in scenes])
+
+
+def grid_row(images: np.ndarray, columns: int = 8) -> np.ndarray:
+    """The first `columns` images side by side."""
+    return np.concatenate(list(images[:columns]), 1)
+
+
+def object_accuracy(evaluator, images: np.ndarray, scenes: list) -> str:
+    accuracy = attribute_accuracy(evaluator.outputs(images), scenes)
+    return ", ".join(f"{k} {accuracy[k]:.2f}" for k in ("shape", "color", "size", "position"))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=("pretrain", "distill"), default="pretrain")
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--out", type=Path, default=models.BUILD_DIR)
+    parser.add_argument("--raw", action="store_true", help="a checkpoint's trained weights, not their EMA")
     args = parser.parse_args(argv)
     from PIL import Image
 
     from devkit.comfy_runtime import ComfyRuntime
     from devkit.paths import make_base_directory
-    from world.generate import Sampling, generate
+    from world.generate import Sampling, generate, sample_conditionings
 
-    weights, source = stage_weights(args.out, args.stage)
+    weights, source = stage_weights(args.out, args.stage, args.raw)
     base = make_base_directory(Path(tempfile.mkdtemp(prefix="world_probe_")))
     for name, path in built_files(args.out).items():
         target = base / "models" / models.WEIGHT_FILES[name]
@@ -86,8 +112,28 @@ def main(argv=None) -> None:
         print(f"  {steps} steps, CFG {cfg:g}: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items())
               + f"; sharpness {sharpness(images, real):.2f}; FD {frechet_distance(outputs['features'], real_features):.0f}"
               f" ({time.perf_counter() - started:.0f} s)", flush=True)
-        rows.append(np.concatenate(list(images[:8]), 1))
-    rows.append(np.concatenate(list(real[:8]), 1))
+        rows.append(grid_row(images))
+    rows.append(grid_row(real))
+
+    import nodes as comfy_nodes
+
+    scenes, named, context_images = context_prompts(args.prompts, rng)
+    encoders = Encoders(Workshop(args.out, runtime))
+    model = comfy_nodes.UNETLoader().load_unet(Path(models.WEIGHT_FILES["dit.safetensors"]).name, "default")[0]
+    negative = [[encoders.text("")[None], {}]]
+    with_image = [[[encoders.context(image, prompt)[None], {}]] for image, prompt in zip(context_images, named)]
+    without = [[[encoders.text(prompt)[None], {}]] for prompt in named]
+    print(f"  context: {len(named)} one-object prompts naming the object by a made-up word (e.g. {named[0]!r})",
+          flush=True)
+    rows.append(grid_row(context_images))
+    for steps, cfg in SAMPLINGS:
+        sampling = Sampling(steps=steps, cfg=cfg, images_per_prompt=1)
+        shown = sample_conditionings(model, encoders.vae, with_image, negative, sampling)
+        unseen = sample_conditionings(model, encoders.vae, without, negative, sampling)
+        print(f"  {steps} steps, CFG {cfg:g}: with the image {object_accuracy(evaluator, shown, scenes)}; "
+              f"without it {object_accuracy(evaluator, unseen, scenes)}", flush=True)
+        if steps == SAMPLINGS[0][0]:
+            rows += [grid_row(shown), grid_row(unseen)]
     grid = Image.fromarray((np.concatenate(rows, 0) * 255).clip(0, 255).astype(np.uint8))
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(args.out / "probe.png")
     shutil.rmtree(base, ignore_errors=True)
