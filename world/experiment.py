@@ -50,6 +50,8 @@ class Scale:
     images_per_prompt: int = 2
 
 
+# The README's main job: the whole comparison (same search), one seed, fewer held-out prompts.
+MAIN_JOB = Scale(seeds=1, concept_prompts=8, base_prompts=16)
 SMOKE = Scale(train_steps=2, learning_rates=(1e-4,), seeds=1, concept_prompts=2, base_prompts=3, images_per_prompt=1)
 
 

@@ -106,6 +106,20 @@ def write_frozen_encoders(folder: Path) -> dict[str, Path]:
     }
 
 
+def world_is_built(weights_dir: Path = WEIGHTS_DIR) -> bool:
+    """Whether `weights_dir` holds the world's model files; they must then match its sha256 manifest (ValueError
+    naming the files otherwise), so that a damaged or half-copied world is never run as if it were the shipped one."""
+    from world.manifest import verify_manifest
+
+    if not any((Path(weights_dir) / name).exists() for name in WEIGHT_FILES):
+        return False
+    missing = [name for name in WEIGHT_FILES if not (Path(weights_dir) / name).exists()]
+    if missing:
+        raise ValueError(f"{weights_dir}: the world's weights are incomplete, missing {', '.join(missing)}")
+    verify_manifest(weights_dir)
+    return True
+
+
 def install_world(models_dir: Path, weights_dir: Path = WEIGHTS_DIR) -> dict[str, Path]:
     """Copy the world's weights into a ComfyUI models folder under the file names the Z-Image workflow loads."""
     installed = {}

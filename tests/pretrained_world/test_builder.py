@@ -1,12 +1,15 @@
 """The world's builder still runs every stage (for a moment each), writes what ComfyUI's loaders read, and resumes
 an interrupted stage. The real build's sizes are in world/builder.py; this runs its command as a user would."""
+import shutil
+
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.pretrained_world.world_build import build
 from world.manifest import MANIFEST, verify_manifest
-from world.models import WEIGHT_FILES
+from world.models import WEIGHT_FILES, world_is_built
 from world.resumable import train_resumably
 
 
@@ -42,6 +45,21 @@ def test_export_writes_the_shipped_files_with_their_manifest(built):
     assert all(v.dtype == torch.bfloat16 for v in shipped.values())
     assert all(torch.equal(shipped[k], distilled[k].to(torch.bfloat16)) for k in distilled)
     assert sum(p.stat().st_size for p in weights.iterdir()) < 38_000_000, "with the evaluator, at most 40 MB"
+
+
+def test_exported_weights_count_as_built_and_damaged_ones_are_refused(built, tmp_path):
+    out, _ = built
+    assert world_is_built(out / "weights")
+    assert not world_is_built(tmp_path), "an empty folder: the world is not built yet"
+    damaged = shutil.copytree(out / "weights", tmp_path / "damaged")
+    with open(damaged / "vae.safetensors", "r+b") as file:
+        file.seek(-4, 2)
+        file.write(b"\0\0\0\0")
+    with pytest.raises(ValueError, match="vae.safetensors: sha256 differs"):
+        world_is_built(damaged)
+    (damaged / "dit.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete, missing dit.safetensors"):
+        world_is_built(damaged)
 
 
 def test_a_finished_stage_is_not_redone(built):
