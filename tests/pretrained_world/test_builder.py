@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from tests.pretrained_world.world_build import build
 from world.manifest import MANIFEST, verify_manifest
-from world.models import WEIGHT_FILES, world_is_built
+from world.models import DIT_LAYERS, WEIGHT_FILES, initial_dit_state_dict, world_is_built
 from world.resumable import train_resumably
 
 
@@ -60,6 +60,16 @@ def test_exported_weights_count_as_built_and_damaged_ones_are_refused(built, tmp
     (damaged / "dit.safetensors").unlink()
     with pytest.raises(ValueError, match="incomplete, missing dit.safetensors"):
         world_is_built(damaged)
+
+
+def test_the_untrained_dit_starts_with_unit_query_key_norms_and_a_zero_output():
+    """Norm weights above one made the first pretraining's attention nearly one-hot and its learning ten times
+    slower (world/models.py)."""
+    start = initial_dit_state_dict()
+    norms = [v for k, v in start.items() if k.endswith(("q_norm.weight", "k_norm.weight"))]
+    assert len(norms) == 2 * (DIT_LAYERS + 4), "every block's query and key norm, refiners included"
+    assert all(torch.equal(v, torch.ones_like(v)) for v in norms)
+    assert not start["final_layer.linear.weight"].any() and not start["final_layer.linear.bias"].any()
 
 
 def test_a_finished_stage_is_not_redone(built):
