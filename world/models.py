@@ -111,9 +111,9 @@ def world_is_built(weights_dir: Path = WEIGHTS_DIR) -> bool:
     naming the files otherwise), so that a damaged or half-copied world is never run as if it were the shipped one."""
     from world.manifest import verify_manifest
 
-    if not any((Path(weights_dir) / name).exists() for name in WEIGHT_FILES):
-        return False
     missing = [name for name in WEIGHT_FILES if not (Path(weights_dir) / name).exists()]
+    if len(missing) == len(WEIGHT_FILES):
+        return False
     if missing:
         raise ValueError(f"{weights_dir}: the world's weights are incomplete, missing {', '.join(missing)}")
     verify_manifest(weights_dir)
