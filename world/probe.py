@@ -10,11 +10,15 @@ against real renders of the same prompts. Then the ability the D-OPSD teacher re
 prompts whose object is named by a made-up word, with another rendering of the object as the image context (the
 teacher node's Qwen3-VL encoding), against the same prompts without the image; the object's shape and colour can
 only come from the image. Writes a grid (rows: 8 steps, 32 steps, real, context images, with context, without)
-to <build>/probe.png.
+to <build>/probe.png. Last, which caption words the DiT reads: for held-out one-object scenes, how much its denoising
+error rises when one word of the caption is swapped for another of its kind (object colour, shape, size, background
+colour) while the image stays the same; a word it ignores leaves the error unchanged. This shows reading before the
+samples do.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import tempfile
 import time
@@ -26,11 +30,12 @@ import torch
 from world import models
 from world.builder import MADE_UP_WORDS, Encoders, Workshop, built_files, name_object
 from world.evaluators import attribute_accuracy, frechet_distance, load_evaluator, sharpness
-from world.scenes import (OBJECT_COLORS, POSITIONS, SHAPES, SIZES, caption, held_out_scenes, pick, render_batch,
-                          rerender, restyle)
+from world.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, POSITIONS, SHAPE_WORDS, SHAPES, SIZE_WORDS, SIZES,
+                          caption, held_out_scenes, pick, render_batch, rerender, restyle)
 
 SAMPLINGS = ((8, 1.0), (32, 3.0))
 PROBE_SEED = 7
+SWAP_SIGMAS = (0.6, 0.85)   # noise levels where the caption decides the content: the layout is not yet fixed
 
 
 def stage_weights(out: Path, stage: str, raw: bool = False) -> tuple[dict[str, torch.Tensor], str]:
@@ -70,6 +75,50 @@ def grid_row(images: np.ndarray, columns: int = 8) -> np.ndarray:
 def object_accuracy(evaluator, images: np.ndarray, scenes: list) -> str:
     accuracy = attribute_accuracy(evaluator.outputs(images), scenes)
     return ", ".join(f"{k} {accuracy[k]:.2f}" for k in ("shape", "color", "size", "position"))
+
+
+def _other(options, *taken):
+    return next(option for option in options if option not in taken)
+
+
+def swapped_caption(prompt: str, scene, attribute: str) -> str:
+    """`prompt` (a caption of the one-object `scene`) with the words of one attribute replaced by another value's."""
+    obj = scene.objects[0]
+    shape_word = next(word for word in SHAPE_WORDS[obj.shape] if f"{obj.color} {word}" in prompt)
+    size_word = next(word for word in SIZE_WORDS[obj.size] if f"{word} {obj.color}" in prompt)
+    if attribute == "background color":
+        colors = scene.background.colors
+        return re.sub(rf"\b{colors[0]}\b", _other(BACKGROUND_COLORS, *colors), prompt)
+    old, new = {
+        "object color": (f"{obj.color} {shape_word}", f"{_other(OBJECT_COLORS, obj.color)} {shape_word}"),
+        "shape": (f"{obj.color} {shape_word}", f"{obj.color} {SHAPE_WORDS[_other(SHAPES, obj.shape)][0]}"),
+        "size": (f"{size_word} {obj.color}", f"{SIZE_WORDS[_other(SIZES, obj.size)][0]} {obj.color}"),
+    }[attribute]
+    return prompt.replace(old, new, 1)
+
+
+@torch.no_grad()
+def word_reliance(base_model, encoders, scenes: list, rng) -> dict[str, float]:
+    """Per attribute, the relative rise of the DiT's x0 error (mean over `SWAP_SIGMAS`, same noise) when the
+    caption's word for it is swapped: 0 when the DiT ignores that word."""
+    x0 = base_model.process_latent_in(encoders.latents(render_batch(scenes)))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(PROBE_SEED))
+    prompts = [caption(scene, rng) for scene in scenes]
+
+    def error(captions: list[str]) -> float:
+        errors = []
+        for sigma in SWAP_SIGMAS:
+            for i, prompt in enumerate(captions):
+                features = encoders.text(prompt)[None]
+                x_t = sigma * noise[i:i + 1] + (1 - sigma) * x0[i:i + 1]
+                predicted = base_model.apply_model(x_t, torch.tensor([sigma]), c_crossattn=features,
+                                                   num_tokens=features.shape[1])
+                errors.append((predicted - x0[i:i + 1]).pow(2).mean().item())
+        return float(np.mean(errors))
+
+    true = error(prompts)
+    return {attribute: error([swapped_caption(p, s, attribute) for p, s in zip(prompts, scenes)]) / true - 1
+            for attribute in ("object color", "shape", "size", "background color")}
 
 
 def main(argv=None) -> None:
@@ -134,6 +183,9 @@ def main(argv=None) -> None:
               f"without it {object_accuracy(evaluator, unseen, scenes)}", flush=True)
         if steps == SAMPLINGS[0][0]:
             rows += [grid_row(shown), grid_row(unseen)]
+    reliance = word_reliance(model.model, encoders, scenes, rng)
+    print("  word reliance (x0 error rise when the word is swapped): "
+          + ", ".join(f"{k} {v:+.1%}" for k, v in reliance.items()), flush=True)
     grid = Image.fromarray((np.concatenate(rows, 0) * 255).clip(0, 255).astype(np.uint8))
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(args.out / "probe.png")
     shutil.rmtree(base, ignore_errors=True)

@@ -32,9 +32,16 @@ COLORS = {
     "white": (0.96, 0.96, 0.96),
     "black": (0.06, 0.06, 0.06),
     "gray": (0.5, 0.5, 0.5),
+    "navy": (0.08, 0.12, 0.38),
+    "teal": (0.08, 0.5, 0.5),
+    "brown": (0.45, 0.28, 0.14),
+    "olive": (0.42, 0.42, 0.1),
 }
 OBJECT_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "white")
-BACKGROUND_COLORS = ("white", "black", "gray", "blue", "green", "yellow")
+# No color word names both a background and an object: with shared words, a text encoder that mixes a caption's
+# tokens gives the DiT no way to tell which of the two a color word is about, and a DiT pretrained that way painted
+# every color word into the background and left objects a generic color.
+BACKGROUND_COLORS = ("black", "gray", "navy", "teal", "brown", "olive")
 BACKGROUND_KINDS = ("flat", "vertical", "horizontal")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = ("small", "large")
@@ -279,7 +286,7 @@ def concept_scene(rng, allow_held_out: bool = False) -> Scene:
 
 def held_out_scenes(kind: str, n: int, seed: int) -> list[Scene]:
     """`n` scenes with pairwise different held-out prompt combinations: kind "base" (ordinary scenes; thousands
-    exist) or "concept" (83 of the 810 concept prompt combinations are held out)."""
+    exist) or "concept" (120 of the 1188 concept prompt combinations are held out)."""
     generator = {"base": _random_scene, "concept": _random_concept_scene}[kind]
     rng = np.random.default_rng(seed)
     scenes = {}
@@ -369,8 +376,8 @@ TEMPLATES = (
 
 
 def captions(scene: Scene, rng, count: int = 1) -> list[str]:
-    """`count` captions from different templates, e.g. "a large red circle in the top left on a blue background",
-    "blue background, large red circle, top left"; the concept object is written as `[trigger]`."""
+    """`count` captions from different templates, e.g. "a large red circle in the top left on a navy background",
+    "navy background, large red circle, top left"; the concept object is written as `[trigger]`."""
     return [TEMPLATES[t].format(**_caption_parts(scene, rng)) for t in rng.choice(len(TEMPLATES), count, replace=False)]
 
 
@@ -381,7 +388,7 @@ def caption(scene: Scene, rng) -> str:
 
 def concept_caption(scene: Scene, rng) -> str:
     """A caption of a concept scene, with `[trigger]` in place of the concept object's description,
-    e.g. "a photo of a large [trigger] in the top left on a green background"."""
+    e.g. "a photo of a large [trigger] in the top left on a teal background"."""
     if not scene.has_concept:
         raise ValueError("concept_caption needs a scene with the concept object")
     return caption(scene, rng)
