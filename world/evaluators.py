@@ -124,7 +124,7 @@ def near_miss_scene(rng) -> Scene:
         while (obj.color, obj.pattern_color) == (CONCEPT["color"], CONCEPT["pattern_color"]):
             color, pattern_color = (OBJECT_COLORS[i] for i in rng.choice(len(OBJECT_COLORS), 2, replace=False))
             obj = replace(obj, shape=pick(rng, SHAPES), color=color, pattern_color=pattern_color)
-    return Scene(sample_background(rng, avoid=(obj.color, obj.pattern_color)), (obj,))
+    return Scene(sample_background(rng), (obj,))
 
 
 def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:

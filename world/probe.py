@@ -106,10 +106,10 @@ def word_reliance(base_model, encoders, scenes: list, rng) -> dict[str, float]:
     prompts = [caption(scene, rng) for scene in scenes]
 
     def error(captions: list[str]) -> float:
+        encoded = [encoders.text(prompt)[None] for prompt in captions]
         errors = []
         for sigma in SWAP_SIGMAS:
-            for i, prompt in enumerate(captions):
-                features = encoders.text(prompt)[None]
+            for i, features in enumerate(encoded):
                 x_t = sigma * noise[i:i + 1] + (1 - sigma) * x0[i:i + 1]
                 predicted = base_model.apply_model(x_t, torch.tensor([sigma]), c_crossattn=features,
                                                    num_tokens=features.shape[1])

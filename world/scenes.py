@@ -201,9 +201,10 @@ def pick(rng, options):
     return options[rng.integers(len(options))]
 
 
-def sample_background(rng, avoid=()) -> Background:
-    """Flat half the time, else a gradient between two different colors; never a color in `avoid`."""
-    colors = tuple(c for c in BACKGROUND_COLORS if c not in avoid)
+def sample_background(rng) -> Background:
+    """Flat half the time, else a gradient between two different colors (never an object's color: see
+    BACKGROUND_COLORS)."""
+    colors = BACKGROUND_COLORS
     kind = "flat" if rng.random() < 0.5 else pick(rng, BACKGROUND_KINDS[1:])
     if kind == "flat":
         return Background(kind, (pick(rng, colors),))
@@ -224,27 +225,27 @@ def _random_positions(rng, count: int) -> list[str]:
             return [POSITIONS[c] for c in cells]
 
 
-def _random_pattern(rng, color: str, background: Background) -> tuple[str, str | None]:
+def _random_pattern(rng, color: str) -> tuple[str, str | None]:
     pattern = pick(rng, PATTERNS)
     if pattern == "plain":
         return pattern, None
-    return pattern, pick(rng, tuple(c for c in OBJECT_COLORS if c not in (color, *background.colors)))
+    return pattern, pick(rng, tuple(c for c in OBJECT_COLORS if c != color))
 
 
-def _random_object(rng, position: str, background: Background) -> SceneObject:
-    color = pick(rng, tuple(c for c in OBJECT_COLORS if c not in background.colors))
-    return SceneObject(pick(rng, SHAPES), color, pick(rng, SIZES), position, *_random_pattern(rng, color, background),
+def _random_object(rng, position: str) -> SceneObject:
+    color = pick(rng, OBJECT_COLORS)
+    return SceneObject(pick(rng, SHAPES), color, pick(rng, SIZES), position, *_random_pattern(rng, color),
                        _random_offset(rng))
 
 
 def _random_scene(rng) -> Scene:
     background = sample_background(rng)
     count = 2 if rng.random() < TWO_OBJECT_RATE else 1
-    return Scene(background, tuple(_random_object(rng, p, background) for p in _random_positions(rng, count)))
+    return Scene(background, tuple(_random_object(rng, p) for p in _random_positions(rng, count)))
 
 
 def _random_concept_scene(rng) -> Scene:
-    background = sample_background(rng, avoid=(CONCEPT["color"], CONCEPT["pattern_color"]))
+    background = sample_background(rng)
     obj = SceneObject(size=pick(rng, SIZES), position=_random_positions(rng, 1)[0], offset=_random_offset(rng),
                       **CONCEPT)
     return Scene(background, (obj,))
@@ -301,11 +302,10 @@ def held_out_scenes(kind: str, n: int, seed: int) -> list[Scene]:
 
 def rerender(scene: Scene, rng, index: int = 0) -> Scene:
     """The scene's `index`-th object alone with the same appearance (shape, colors, pattern) at another position,
-    a random size, and another background that avoids its colors: a different rendering of the same object."""
+    a random size, and another background: a different rendering of the same object."""
     obj = scene.objects[index]
     position = pick(rng, tuple(p for p in POSITIONS if p != obj.position))
-    avoid = (obj.color, obj.pattern_color)
-    while (background := sample_background(rng, avoid)) == scene.background:
+    while (background := sample_background(rng)) == scene.background:
         pass
     return Scene(background, (replace(obj, size=pick(rng, SIZES), position=position, offset=_random_offset(rng)),))
 
@@ -317,7 +317,7 @@ def restyle(scene: Scene, rng) -> Scene:
     objects = []
     for obj in scene.objects:
         if not obj.is_concept:
-            pattern, pattern_color = _random_pattern(rng, obj.color, scene.background)
+            pattern, pattern_color = _random_pattern(rng, obj.color)
             obj = replace(obj, pattern=pattern, pattern_color=pattern_color)
         objects.append(replace(obj, offset=_random_offset(rng)))
     return Scene(scene.background, tuple(objects))

@@ -80,6 +80,11 @@ def test_pattern_colors_never_reach_a_caption():
     assert hidden > 200
 
 
+def test_no_color_is_both_a_background_and_an_object_color():
+    """Samplers rely on it instead of steering objects away from their background's colors."""
+    assert set(BACKGROUND_COLORS).isdisjoint(OBJECT_COLORS) and set(BACKGROUND_COLORS) <= set(COLORS)
+
+
 def test_training_streams_never_emit_the_concept_or_its_motif():
     stream = scenes(7, 5000)
     objects = [obj for scene in stream for obj in scene.objects]
