@@ -7,7 +7,8 @@ Stages, in order (default: all; a finished stage is skipped):
   vae       a FLUX.1-layout VAE trained on renders, 64² -> 8 x 8 x 16 latents
   corpus    training scenes as the DiT sees them: latents, and the features of their captions, encoded by ComfyUI's
             text encoder alone or, for half of them, by the teacher node's Qwen3-VL with another rendering of the
-            captioned object as the image (the context the D-OPSD teacher gets)
+            captioned object as the image and the object named by a made-up word (the context the D-OPSD teacher
+            gets: its prompts name the concept by the trigger word)
   pretrain  the Z-Image NextDiT trained from scratch by flow matching on both contexts
   trajectories  the pretrained model's many-step, guided ODE trajectories from noise, recorded at the sigmas of
             Z-Image-Turbo's 8 steps (ComfyUI's simple scheduler at shift 3)
@@ -35,8 +36,8 @@ import torch
 
 from world import models
 from world.resumable import Progress, train_resumably
-from world.scenes import (ALL_PATTERNS, CONCEPT_PATTERN, OBJECT_COLORS, SHAPE_WORDS, SceneObject, Scene, caption,
-                          concept_scene, pick, render, render_batch, rerender, sample_scene)
+from world.scenes import (SHAPE_WORDS, SceneObject, Scene, caption, concept_scene, pick, render, render_batch,
+                          rerender, ringed, sample_scene)
 
 # Two phases, the second starting from the first's weights: (name, steps, peak learning rate, edge weight). The
 # edge term (L1 of the images' horizontal and vertical differences) is added once the colors are right, against the
@@ -53,10 +54,15 @@ CORPUS_SHARD_SIZE = 500
 CORPUS_SEED = 21
 CONTEXT_RATE = 0.5          # examples whose features are the teacher's (image + caption)
 UNCONDITIONAL_RATE = 0.1    # text examples with an empty caption (classifier-free guidance for the distillation)
-NAMED_RATE = 0.5            # context examples whose caption names the shown object by a made-up word
-# Made-up words that stand for "the object in the image context", so that the model learns to take an object it
-# has no words for from the image: what the D-OPSD teacher does with the concept's trigger word. The workflows'
-# trigger word (sks) and the placeholder are not among them.
+# Context examples whose shown object wears the concept's rings motif (in other colors, on any shape; never the
+# concept object). A model this small cannot draw a texture it never drew; what an image context can teach it is an
+# object it has not seen, made of what it can draw. Text examples never show the motif, so the text path cannot
+# draw the concept before fine-tuning, as a large model's text path lacks what only its image path has seen.
+CONTEXT_RINGS_RATE = 0.2
+# A context example's caption names the shown object by a made-up word instead of its color and shape, so that the
+# object's whole appearance comes from the image alone: what the D-OPSD teacher does with the concept's trigger
+# word. (When the caption also described the object, the DiT learned to ignore the image.) The workflows' trigger
+# word (sks) and the placeholder are not among the words.
 MADE_UP_WORDS = ("zorp", "blick", "quav", "snib", "trel", "vusk", "grell", "plonk", "skree", "mib", "drax", "fenn",
                  "glim", "hurv", "jost", "kelb", "lurn", "morp", "nuzz", "pif", "rask", "tolv", "wemb", "yarn",
                  "zeb", "brin", "clute", "dorf", "emmet", "frizz", "gundo", "huff", "irko", "jabb", "krill", "lomp")
@@ -165,12 +171,12 @@ def vae_training_scene(rng) -> Scene:
         return concept_scene(rng, allow_held_out=True)
     scene = sample_scene(rng, allow_held_out=True)
     if draw < 0.15:
-        obj = scene.objects[0]
-        ring_color = pick(rng, tuple(c for c in OBJECT_COLORS if c != obj.color))
-        ringed = SceneObject(obj.shape, obj.color, obj.size, obj.position, CONCEPT_PATTERN, ring_color, obj.offset)
-        scene = Scene(scene.background, (ringed, *scene.objects[1:]))
-    assert all(o.pattern in ALL_PATTERNS for o in scene.objects)
+        scene = with_first_ringed(scene, rng)
     return scene
+
+
+def with_first_ringed(scene: Scene, rng) -> Scene:
+    return Scene(scene.background, (ringed(scene.objects[0], rng), *scene.objects[1:]))
 
 
 def to_vae_input(images: np.ndarray) -> torch.Tensor:
@@ -260,9 +266,10 @@ def corpus_example(rng) -> dict:
     prompt = caption(scene, rng)
     example = {"scene": scene, "kind": kind, "prompt": prompt}
     if kind == "context":
+        if rng.random() < CONTEXT_RINGS_RATE:
+            scene = example["scene"] = with_first_ringed(scene, rng)
         example["context_image"] = render(rerender(scene, rng))
-        if rng.random() < NAMED_RATE:
-            example["prompt"] = name_object(prompt, scene.objects[0], pick(rng, MADE_UP_WORDS))
+        example["prompt"] = name_object(prompt, scene.objects[0], pick(rng, MADE_UP_WORDS))
     elif rng.random() < UNCONDITIONAL_RATE:
         example["prompt"] = ""
     return example

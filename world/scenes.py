@@ -9,7 +9,8 @@ Geometry is in world units, 64 to the canvas side whatever the rendered size, ch
 VAE: objects are 19 (small) or 28 (large) units across, pattern features at least 4 units wide, grid cells 16 apart.
 
 The concept (`CONCEPT`) is a yellow circle with concentric purple rings (yellow center, purple middle ring, yellow
-rim). `render` draws it; `sample_scene` never emits it, nor any object with the rings pattern.
+rim). `render` draws it; `sample_scene` never emits it, nor any object with the rings pattern (`ringed` puts
+the motif on another object, never making the concept).
 """
 from __future__ import annotations
 
@@ -278,6 +279,14 @@ def sample_scene(rng, allow_held_out: bool = False) -> Scene:
     """An ordinary scene (never the concept, never the rings pattern); held-out prompt combinations are skipped
     unless `allow_held_out` (the evaluator's training, which must cover the evaluation prompts)."""
     return _draw(rng, _random_scene, allow_held_out)
+
+
+def ringed(obj: SceneObject, rng) -> SceneObject:
+    """The object with the concept's rings motif in another of the object colors, never the concept itself."""
+    taken = {obj.color, CONCEPT["pattern_color"]} if (obj.shape, obj.color) == (CONCEPT["shape"], CONCEPT["color"]) \
+        else {obj.color}
+    return replace(obj, pattern=CONCEPT_PATTERN, pattern_color=pick(rng, tuple(c for c in OBJECT_COLORS
+                                                                              if c not in taken)))
 
 
 def concept_scene(rng, allow_held_out: bool = False) -> Scene:

@@ -1,5 +1,6 @@
 """The world's builder still runs every stage (for a moment each), writes what ComfyUI's loaders read, and resumes
 an interrupted stage. The real build's sizes are in world/builder.py; this runs its command as a user would."""
+import re
 import shutil
 
 import numpy as np
@@ -8,9 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.pretrained_world.world_build import build
+from world.builder import MADE_UP_WORDS, corpus_example
 from world.manifest import MANIFEST, verify_manifest
 from world.models import DIT_LAYERS, WEIGHT_FILES, initial_dit_state_dict, world_is_built
 from world.resumable import train_resumably
+from world.scenes import SHAPE_WORDS
 
 
 def test_every_stage_runs_and_writes_its_output(built):
@@ -111,3 +114,20 @@ def test_a_resumed_loop_ends_with_the_weights_of_an_unbroken_one(tmp_path):
     resumed_progress, resumed = run(tmp_path / "b.pt", None)
     assert resumed_progress.step == 5 and resumed_progress.losses == unbroken_progress.losses
     assert all(torch.equal(a, b) for a, b in zip(unbroken.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_context_examples_name_their_object_and_some_show_the_motif_the_text_examples_never_do():
+    rng = np.random.default_rng(3)
+    examples = [corpus_example(rng) for _ in range(600)]
+    context = [e for e in examples if e["kind"] == "context"]
+    text = [e for e in examples if e["kind"] == "text"]
+    assert 0.4 < len(context) / len(examples) < 0.6
+    for example in context:
+        first = example["scene"].objects[0]
+        assert set(re.findall(r"[a-z]+", example["prompt"])) & set(MADE_UP_WORDS)
+        if len(example["scene"].objects) == 1:
+            assert not any(f"{first.color} {shape}" in example["prompt"] for shape in SHAPE_WORDS[first.shape])
+    ringed_share = np.mean([e["scene"].objects[0].pattern == "rings" for e in context])
+    assert 0.1 < ringed_share < 0.3
+    assert not any(obj.is_concept for e in examples for obj in e["scene"].objects)
+    assert not any(obj.pattern == "rings" for e in text for obj in e["scene"].objects)

@@ -9,7 +9,7 @@ from PIL import Image
 from world.scenes import (ALL_PATTERNS, BACKGROUND_COLORS, CONCEPT, COLORS, HELD_OUT_ONE_IN, OBJECT_COLORS,
                           POSITION_WORDS, RADII, SHAPE_WORDS, SIZE_WORDS, TEMPLATES, TRIGGER, Background, Scene,
                           SceneObject, captions, concept_caption, concept_scene, held_out_scenes, is_held_out,
-                          prompt_key, render, rerender, restyle, sample_scene, write_concept_folder)
+                          prompt_key, render, rerender, restyle, ringed, sample_scene, write_concept_folder)
 
 PATTERN_WORDS = {"pattern", "patterned", "stripe", "stripes", "striped", "dot", "dots", "dotted", "spot", "spots",
                  "spotted", "ring", "rings", "ringed", "concentric", "checker", "checkered", "plain"}
@@ -155,3 +155,15 @@ def test_concept_folder_has_the_users_layout(tmp_path):
         assert len(lines) == 3 == len(set(lines)) and all(line.count(TRIGGER) == 1 for line in lines)
         assert scene.has_concept and not is_held_out(scene)
     assert len({prompt_key(scene) for _, scene in written}) == 6
+
+
+def test_ringed_objects_wear_the_motif_in_another_color_and_are_never_the_concept():
+    rng = np.random.default_rng(5)
+    near = SceneObject("circle", CONCEPT["color"], "small", "center")
+    for obj in [near] * 200 + [o for scene in scenes(8, 200) for o in scene.objects]:
+        ringed_obj = ringed(obj, rng)
+        assert ringed_obj.pattern == "rings" and ringed_obj.pattern_color != obj.color
+        assert not ringed_obj.is_concept
+        assert replace(ringed_obj, pattern=obj.pattern, pattern_color=obj.pattern_color) == obj
+    # without the exclusion a yellow circle would get purple rings one time in seven
+    assert len({ringed(near, rng).pattern_color for _ in range(200)}) == len(OBJECT_COLORS) - 2
