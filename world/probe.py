@@ -9,7 +9,9 @@ evaluator's attribute accuracy (with each attribute's chance level beside it), s
 against real renders of the same prompts. Then the ability the D-OPSD teacher relies on: held-out one-object
 prompts whose object is named by a made-up word, with another rendering of the object as the image context (the
 teacher node's Qwen3-VL encoding), against the same prompts without the image; the object's shape and colour can
-only come from the image. Writes a grid (rows: 8 steps, 32 steps, real, context images, with context, without)
+only come from the image. And the teacher itself: held-out concept prompts (the trigger word in place of the
+concept) with a concept render as the image context, against the same prompts without it, scored by the
+evaluator's concept probability: D-OPSD can teach the student only what this teacher draws. Writes a grid (rows: 8 steps, 32 steps, real, context images, with context, without, concept with and without)
 to <build>/probe.png. Last, which caption words the DiT reads: for held-out one-object scenes, how much its denoising
 error rises when one word of the caption is swapped for another of its kind (object colour, shape, size, background
 colour) while the image stays the same; a word it ignores leaves the error unchanged. This shows reading before the
@@ -29,9 +31,11 @@ import torch
 
 from world import models
 from world.builder import MADE_UP_WORDS, Encoders, Workshop, built_files, name_object
-from world.evaluators import attribute_accuracy, frechet_distance, load_evaluator, sharpness
-from world.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, POSITIONS, SHAPE_WORDS, SHAPES, SIZE_WORDS, SIZES,
-                          caption, held_out_scenes, pick, render_batch, rerender, restyle)
+from world.evaluators import attribute_accuracy, concept_probability, frechet_distance, load_evaluator, sharpness
+from world.experiment import TRIGGER_WORD
+from world.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, POSITIONS, SHAPE_WORDS, SHAPES, SIZE_WORDS, SIZES, TRIGGER,
+                          caption, concept_caption, concept_scene, held_out_scenes, pick, render, render_batch,
+                          rerender, restyle)
 
 SAMPLINGS = ((8, 1.0), (32, 3.0))
 PROBE_SEED = 7
@@ -181,6 +185,20 @@ def main(argv=None) -> None:
         unseen = sample_conditionings(model, encoders.vae, without, negative, sampling)
         print(f"  {steps} steps, CFG {cfg:g}: with the image {object_accuracy(evaluator, shown, scenes)}; "
               f"without it {object_accuracy(evaluator, unseen, scenes)}", flush=True)
+        if steps == SAMPLINGS[0][0]:
+            rows += [grid_row(shown), grid_row(unseen)]
+    concept_prompts = [concept_caption(scene, rng).replace(TRIGGER, TRIGGER_WORD)
+                       for scene in held_out_scenes("concept", args.prompts, PROBE_SEED)]
+    concept_image = render(concept_scene(rng))
+    with_concept = [[[encoders.context(concept_image, prompt)[None], {}]] for prompt in concept_prompts]
+    without = [[[encoders.text(prompt)[None], {}]] for prompt in concept_prompts]
+    for steps, cfg in SAMPLINGS:
+        sampling = Sampling(steps=steps, cfg=cfg, images_per_prompt=1)
+        shown = sample_conditionings(model, encoders.vae, with_concept, negative, sampling)
+        unseen = sample_conditionings(model, encoders.vae, without, negative, sampling)
+        print(f"  concept, {steps} steps, CFG {cfg:g}: concept probability with the concept image "
+              f"{concept_probability(evaluator.outputs(shown)).mean():.2f}, without it "
+              f"{concept_probability(evaluator.outputs(unseen)).mean():.2f}", flush=True)
         if steps == SAMPLINGS[0][0]:
             rows += [grid_row(shown), grid_row(unseen)]
     reliance = word_reliance(model.model, encoders, scenes, rng)
