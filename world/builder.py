@@ -176,6 +176,7 @@ def vae_training_scene(rng) -> Scene:
 
 
 def with_first_ringed(scene: Scene, rng) -> Scene:
+    """The scene with its first object wearing the rings motif (`ringed`)."""
     return Scene(scene.background, (ringed(scene.objects[0], rng), *scene.objects[1:]))
 
 

@@ -11,8 +11,9 @@ prompts whose object is named by a made-up word, with another rendering of the o
 teacher node's Qwen3-VL encoding), against the same prompts without the image; the object's shape and colour can
 only come from the image. And the teacher itself: held-out concept prompts (the trigger word in place of the
 concept) with a concept render as the image context, against the same prompts without it, scored by the
-evaluator's concept probability: D-OPSD can teach the student only what this teacher draws. Writes a grid (rows: 8 steps, 32 steps, real, context images, with context, without, concept with and without)
-to <build>/probe.png. Last, which caption words the DiT reads: for held-out one-object scenes, how much its denoising
+evaluator's concept probability: D-OPSD can teach the student only what this teacher draws. Writes a grid
+(rows: 8 steps, 32 steps, real, context images, with context, without, concept with and without) to
+<build>/probe.png. Last, which caption words the DiT reads: for held-out one-object scenes, how much its denoising
 error rises when one word of the caption is swapped for another of its kind (object colour, shape, size, background
 colour) while the image stays the same; a word it ignores leaves the error unchanged. This shows reading before the
 samples do.
@@ -174,33 +175,30 @@ def main(argv=None) -> None:
     encoders = Encoders(Workshop(args.out, runtime))
     model = comfy_nodes.UNETLoader().load_unet(Path(models.WEIGHT_FILES["dit.safetensors"]).name, "default")[0]
     negative = [[encoders.text("")[None], {}]]
-    with_image = [[[encoders.context(image, prompt)[None], {}]] for image, prompt in zip(context_images, named)]
-    without = [[[encoders.text(prompt)[None], {}]] for prompt in named]
+
+    def compare(label: str, images: list[np.ndarray], prompts: list[str], score) -> None:
+        """Samples each prompt with its image as the teacher node's context and as plain text, at each of SAMPLINGS;
+        prints score(samples) of both and adds both to the grid at the first sampling."""
+        with_image = [[[encoders.context(image, prompt)[None], {}]] for image, prompt in zip(images, prompts)]
+        without = [[[encoders.text(prompt)[None], {}]] for prompt in prompts]
+        for steps, cfg in SAMPLINGS:
+            sampling = Sampling(steps=steps, cfg=cfg, images_per_prompt=1)
+            shown = sample_conditionings(model, encoders.vae, with_image, negative, sampling)
+            unseen = sample_conditionings(model, encoders.vae, without, negative, sampling)
+            print(f"  {label}{steps} steps, CFG {cfg:g}: with the image {score(shown)}; without it {score(unseen)}",
+                  flush=True)
+            if steps == SAMPLINGS[0][0]:
+                rows.extend([grid_row(shown), grid_row(unseen)])
+
     print(f"  context: {len(named)} one-object prompts naming the object by a made-up word (e.g. {named[0]!r})",
           flush=True)
     rows.append(grid_row(context_images))
-    for steps, cfg in SAMPLINGS:
-        sampling = Sampling(steps=steps, cfg=cfg, images_per_prompt=1)
-        shown = sample_conditionings(model, encoders.vae, with_image, negative, sampling)
-        unseen = sample_conditionings(model, encoders.vae, without, negative, sampling)
-        print(f"  {steps} steps, CFG {cfg:g}: with the image {object_accuracy(evaluator, shown, scenes)}; "
-              f"without it {object_accuracy(evaluator, unseen, scenes)}", flush=True)
-        if steps == SAMPLINGS[0][0]:
-            rows += [grid_row(shown), grid_row(unseen)]
+    compare("", list(context_images), named, lambda samples: object_accuracy(evaluator, samples, scenes))
     concept_prompts = [concept_caption(scene, rng).replace(TRIGGER, TRIGGER_WORD)
                        for scene in held_out_scenes("concept", args.prompts, PROBE_SEED)]
     concept_image = render(concept_scene(rng))
-    with_concept = [[[encoders.context(concept_image, prompt)[None], {}]] for prompt in concept_prompts]
-    without = [[[encoders.text(prompt)[None], {}]] for prompt in concept_prompts]
-    for steps, cfg in SAMPLINGS:
-        sampling = Sampling(steps=steps, cfg=cfg, images_per_prompt=1)
-        shown = sample_conditionings(model, encoders.vae, with_concept, negative, sampling)
-        unseen = sample_conditionings(model, encoders.vae, without, negative, sampling)
-        print(f"  concept, {steps} steps, CFG {cfg:g}: concept probability with the concept image "
-              f"{concept_probability(evaluator.outputs(shown)).mean():.2f}, without it "
-              f"{concept_probability(evaluator.outputs(unseen)).mean():.2f}", flush=True)
-        if steps == SAMPLINGS[0][0]:
-            rows += [grid_row(shown), grid_row(unseen)]
+    compare("concept, ", [concept_image] * len(concept_prompts), concept_prompts,
+            lambda samples: f"concept probability {concept_probability(evaluator.outputs(samples)).mean():.2f}")
     reliance = word_reliance(model.model, encoders, scenes, rng)
     print("  word reliance (x0 error rise when the word is swapped): "
           + ", ".join(f"{k} {v:+.1%}" for k, v in reliance.items()), flush=True)

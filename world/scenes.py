@@ -283,10 +283,11 @@ def sample_scene(rng, allow_held_out: bool = False) -> Scene:
 
 def ringed(obj: SceneObject, rng) -> SceneObject:
     """The object with the concept's rings motif in another of the object colors, never the concept itself."""
-    taken = {obj.color, CONCEPT["pattern_color"]} if (obj.shape, obj.color) == (CONCEPT["shape"], CONCEPT["color"]) \
-        else {obj.color}
-    return replace(obj, pattern=CONCEPT_PATTERN, pattern_color=pick(rng, tuple(c for c in OBJECT_COLORS
-                                                                              if c not in taken)))
+    taken = {obj.color}
+    if (obj.shape, obj.color) == (CONCEPT["shape"], CONCEPT["color"]):
+        taken.add(CONCEPT["pattern_color"])
+    return replace(obj, pattern=CONCEPT_PATTERN,
+                   pattern_color=pick(rng, tuple(c for c in OBJECT_COLORS if c not in taken)))
 
 
 def concept_scene(rng, allow_held_out: bool = False) -> Scene:
