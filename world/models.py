@@ -111,13 +111,15 @@ def write_frozen_encoders(folder: Path) -> dict[str, Path]:
 
 
 def world_is_built(weights_dir: Path = WEIGHTS_DIR) -> bool:
-    """Whether `weights_dir` holds the world's model files; they must then match its sha256 manifest (ValueError
-    naming the files otherwise), so that a damaged or half-copied world is never run as if it were the shipped one."""
+    """Whether `weights_dir` holds the world's model files. The DiT is the last of them the build makes (the VAE
+    ships before it, and the build reuses it): without the DiT the world is not built yet; with it every model file
+    must be there and match the folder's sha256 manifest (ValueError naming the files otherwise), so that a damaged
+    or half-copied world is never run as if it were the shipped one."""
     from world.manifest import verify_manifest
 
-    missing = [name for name in WEIGHT_FILES if not (Path(weights_dir) / name).exists()]
-    if len(missing) == len(WEIGHT_FILES):
+    if not (Path(weights_dir) / "dit.safetensors").exists():
         return False
+    missing = [name for name in WEIGHT_FILES if not (Path(weights_dir) / name).exists()]
     if missing:
         raise ValueError(f"{weights_dir}: the world's weights are incomplete, missing {', '.join(missing)}")
     verify_manifest(weights_dir)

@@ -15,8 +15,8 @@ evaluator's concept probability: D-OPSD can teach the student only what this tea
 (rows: 8 steps, 32 steps, real, context images, with context, without, concept with and without) to
 <build>/probe.png. Last, which caption words the DiT reads: for held-out one-object scenes, how much its denoising
 error rises when one word of the caption is swapped for another of its kind (object colour, shape, size, background
-colour) while the image stays the same; a word it ignores leaves the error unchanged. This shows reading before the
-samples do.
+colour) while the image stays the same; a word it ignores leaves the error unchanged; and how much it rises when
+the named objects' image contexts are swapped among them. This shows reading before the samples do.
 """
 from __future__ import annotations
 
@@ -102,28 +102,51 @@ def swapped_caption(prompt: str, scene, attribute: str) -> str:
     return prompt.replace(old, new, 1)
 
 
+def probe_latents(base_model, encoders, scenes: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scenes' latents as the DiT sees them, and fixed noise for them."""
+    x0 = base_model.process_latent_in(encoders.latents(render_batch(scenes)))
+    return x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(PROBE_SEED))
+
+
+def denoising_error(base_model, x0: torch.Tensor, noise: torch.Tensor, encoded: list[torch.Tensor]) -> float:
+    """The DiT's mean x0 error over the examples at each of SWAP_SIGMAS, example i denoised with features
+    encoded[i]."""
+    errors = []
+    for sigma in SWAP_SIGMAS:
+        for i, features in enumerate(encoded):
+            x_t = sigma * noise[i:i + 1] + (1 - sigma) * x0[i:i + 1]
+            predicted = base_model.apply_model(x_t, torch.tensor([sigma]), c_crossattn=features,
+                                               num_tokens=features.shape[1])
+            errors.append((predicted - x0[i:i + 1]).pow(2).mean().item())
+    return float(np.mean(errors))
+
+
 @torch.no_grad()
 def word_reliance(base_model, encoders, scenes: list, rng) -> dict[str, float]:
     """Per attribute, the relative rise of the DiT's x0 error (mean over `SWAP_SIGMAS`, same noise) when the
     caption's word for it is swapped: 0 when the DiT ignores that word."""
-    x0 = base_model.process_latent_in(encoders.latents(render_batch(scenes)))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(PROBE_SEED))
+    x0, noise = probe_latents(base_model, encoders, scenes)
     prompts = [caption(scene, rng) for scene in scenes]
 
     def error(captions: list[str]) -> float:
-        encoded = [encoders.text(prompt)[None] for prompt in captions]
-        errors = []
-        for sigma in SWAP_SIGMAS:
-            for i, features in enumerate(encoded):
-                x_t = sigma * noise[i:i + 1] + (1 - sigma) * x0[i:i + 1]
-                predicted = base_model.apply_model(x_t, torch.tensor([sigma]), c_crossattn=features,
-                                                   num_tokens=features.shape[1])
-                errors.append((predicted - x0[i:i + 1]).pow(2).mean().item())
-        return float(np.mean(errors))
+        return denoising_error(base_model, x0, noise, [encoders.text(prompt)[None] for prompt in captions])
 
     true = error(prompts)
     return {attribute: error([swapped_caption(p, s, attribute) for p, s in zip(prompts, scenes)]) / true - 1
             for attribute in ("object color", "shape", "size", "background color")}
+
+
+@torch.no_grad()
+def image_reliance(base_model, encoders, scenes: list, prompts: list[str], images: np.ndarray) -> float:
+    """The relative rise of the DiT's x0 error on prompts that name their object by a made-up word when each
+    image context is swapped for the next scene's (another object): 0 when the DiT ignores the image."""
+    x0, noise = probe_latents(base_model, encoders, scenes)
+
+    def error(shown: np.ndarray) -> float:
+        return denoising_error(base_model, x0, noise,
+                               [encoders.context(image, prompt)[None] for image, prompt in zip(shown, prompts)])
+
+    return error(np.roll(images, 1, axis=0)) / error(images) - 1
 
 
 def main(argv=None) -> None:
@@ -202,6 +225,8 @@ def main(argv=None) -> None:
     reliance = word_reliance(model.model, encoders, scenes, rng)
     print("  word reliance (x0 error rise when the word is swapped): "
           + ", ".join(f"{k} {v:+.1%}" for k, v in reliance.items()), flush=True)
+    print("  image reliance (x0 error rise when the image context shows another object): "
+          f"{image_reliance(model.model, encoders, scenes, named, context_images):+.1%}", flush=True)
     grid = Image.fromarray((np.concatenate(rows, 0) * 255).clip(0, 255).astype(np.uint8))
     grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(args.out / "probe.png")
     shutil.rmtree(base, ignore_errors=True)

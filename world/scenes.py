@@ -158,11 +158,17 @@ def _coverage(distance, pixels_per_unit: float):
     return np.clip(0.5 - distance * pixels_per_unit, 0.0, 1.0)[..., None]
 
 
-def render(scene: Scene, size: int = SIZE) -> np.ndarray:
-    """The scene as a float32 (size, size, 3) RGB image in [0, 1]; deterministic, anti-aliased edges."""
+def _pixel_centers(size: int):
+    """(y, x) world coordinates of each pixel's center, and the pixels per world unit."""
     pixels_per_unit = size / SIZE
     coords = (np.arange(size) + 0.5) / pixels_per_unit
     y, x = np.meshgrid(coords, coords, indexing="ij")
+    return y, x, pixels_per_unit
+
+
+def render(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """The scene as a float32 (size, size, 3) RGB image in [0, 1]; deterministic, anti-aliased edges."""
+    y, x, pixels_per_unit = _pixel_centers(size)
     background = scene.background
     first = np.array(COLORS[background.colors[0]])
     last = np.array(COLORS[background.colors[-1]])
@@ -183,6 +189,17 @@ def render(scene: Scene, size: int = SIZE) -> np.ndarray:
         alpha = _coverage(shape_distance(obj.shape, u, v, r), pixels_per_unit)
         image[rows, columns] = image[rows, columns] * (1 - alpha) + color * alpha
     return image.astype(np.float32)
+
+
+def object_coverage(scene: Scene, size: int = SIZE) -> np.ndarray:
+    """The float32 (size, size) fraction of each pixel that the scene's objects cover (anti-aliased as `render`)."""
+    y, x, pixels_per_unit = _pixel_centers(size)
+    covered = np.zeros((size, size), np.float32)
+    for obj in scene.objects:
+        cx, cy = obj.center
+        alpha = _coverage(shape_distance(obj.shape, x - cx, y - cy, RADII[obj.size]), pixels_per_unit)[..., 0]
+        covered = np.maximum(covered, alpha)
+    return covered
 
 
 def render_batch(scenes, size: int = SIZE) -> np.ndarray:

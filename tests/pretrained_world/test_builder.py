@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from tests.pretrained_world.world_build import build
-from world.builder import MADE_UP_WORDS, corpus_example
+from world.builder import (MADE_UP_WORDS, OBJECT_LOSS_WEIGHT, corpus_example, flow_matching_loss, latent_coverage,
+                           load_world_dit)
 from world.manifest import MANIFEST, verify_manifest
 from world.models import DIT_LAYERS, WEIGHT_FILES, initial_dit_state_dict, world_is_built
 from world.resumable import train_resumably
-from world.scenes import SHAPE_WORDS
+from world.scenes import RADII, SHAPE_WORDS, Background, Scene, SceneObject
 
 
 def test_every_stage_runs_and_writes_its_output(built):
@@ -29,6 +30,7 @@ def test_every_stage_runs_and_writes_its_output(built):
     assert pretrained["final_layer.linear.weight"].abs().sum() > 0
     shard = torch.load(out / "corpus" / "shard_000.pt", weights_only=True)
     assert shard["latents"].shape == (24, 16, 8, 8)
+    assert shard["object_cover"].shape == (24, 8, 8) and 0 < shard["object_cover"].mean() < 0.5
     kinds = set(shard["kinds"])
     assert kinds == {"text", "context"}
     widths = {f.shape[1] for f in shard["features"]}
@@ -60,9 +62,11 @@ def test_exported_weights_count_as_built_and_damaged_ones_are_refused(built, tmp
         file.write(b"\0\0\0\0")
     with pytest.raises(ValueError, match="vae.safetensors: sha256 differs"):
         world_is_built(damaged)
-    (damaged / "dit.safetensors").unlink()
-    with pytest.raises(ValueError, match="incomplete, missing dit.safetensors"):
+    (damaged / "text_encoder.safetensors").unlink()
+    with pytest.raises(ValueError, match="incomplete, missing text_encoder.safetensors"):
         world_is_built(damaged)
+    (damaged / "dit.safetensors").unlink()
+    assert not world_is_built(damaged), "the shipped VAE without the DiT (built last): not built yet"
 
 
 def test_the_untrained_dit_starts_with_unit_query_key_norms_and_a_zero_output():
@@ -84,11 +88,27 @@ def test_a_finished_stage_is_not_redone(built):
 
 def test_a_stage_out_of_time_stops_checkpointed_and_the_next_run_finishes_it(built):
     out, _ = built
-    result = build(out, "encoders", "vae", "--out", str(out / "again"), "--steps", "3", "--minutes", "0")
+    again = ["--out", str(out / "again"), "--weights", str(out / "again" / "weights"), "--steps", "3"]
+    result = build(out, "encoders", "vae", *again, "--minutes", "0")
     assert result.returncode == 3 and "run the same command again" in result.stdout
     assert (out / "again" / "vae" / "checkpoint_a.pt").exists() and not (out / "again" / "vae" / "vae.safetensors").exists()
-    result = build(out, "vae", "--out", str(out / "again"), "--steps", "3")
+    result = build(out, "vae", *again)
     assert result.returncode == 0 and "resumed at step 1/3" in result.stdout
+
+
+def test_the_vae_stage_takes_the_shipped_vae_and_refuses_a_damaged_one(built, tmp_path):
+    out, _ = built
+    shipped = shutil.copytree(out / "weights", tmp_path / "weights")
+    result = build(tmp_path / "fresh", "encoders", "vae", "--weights", str(shipped))
+    assert result.returncode == 0 and "the shipped" in result.stdout, result.stdout + result.stderr
+    assert (tmp_path / "fresh" / "vae" / "vae.safetensors").read_bytes() == (shipped / "vae.safetensors").read_bytes()
+    assert not (tmp_path / "fresh" / "vae" / "checkpoint_a.pt").exists(), "not trained again"
+    with open(shipped / "vae.safetensors", "r+b") as file:
+        file.seek(-4, 2)
+        file.write(b"\0\0\0\0")
+    result = build(tmp_path / "other", "encoders", "vae", "--weights", str(shipped))
+    assert result.returncode != 0 and "vae.safetensors: sha256 differs" in result.stderr
+    assert not (tmp_path / "other" / "vae" / "vae.safetensors").exists()
 
 
 def test_a_resumed_loop_ends_with_the_weights_of_an_unbroken_one(tmp_path):
@@ -116,18 +136,55 @@ def test_a_resumed_loop_ends_with_the_weights_of_an_unbroken_one(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(unbroken.state_dict().values(), resumed.state_dict().values()))
 
 
-def test_context_examples_name_their_object_and_some_show_the_motif_the_text_examples_never_do():
+def test_half_the_context_examples_name_their_object_and_some_show_the_motif_the_text_examples_never_do():
     rng = np.random.default_rng(3)
-    examples = [corpus_example(rng) for _ in range(600)]
+    examples = [corpus_example(rng) for _ in range(800)]
     context = [e for e in examples if e["kind"] == "context"]
     text = [e for e in examples if e["kind"] == "text"]
     assert 0.4 < len(context) / len(examples) < 0.6
-    for example in context:
+    named = [bool(set(re.findall(r"[a-z]+", e["prompt"])) & set(MADE_UP_WORDS)) for e in context]
+    assert 0.4 < np.mean(named) < 0.6
+    assert not any(set(re.findall(r"[a-z]+", e["prompt"])) & set(MADE_UP_WORDS) for e in text)
+    for example, is_named in zip(context, named):
         first = example["scene"].objects[0]
-        assert set(re.findall(r"[a-z]+", example["prompt"])) & set(MADE_UP_WORDS)
+        described = any(f"{first.color} {shape}" in example["prompt"] for shape in SHAPE_WORDS[first.shape])
         if len(example["scene"].objects) == 1:
-            assert not any(f"{first.color} {shape}" in example["prompt"] for shape in SHAPE_WORDS[first.shape])
+            assert described != is_named, example["prompt"]
     ringed_share = np.mean([e["scene"].objects[0].pattern == "rings" for e in context])
-    assert 0.1 < ringed_share < 0.3
+    assert 0.3 < ringed_share < 0.5
     assert not any(obj.is_concept for e in examples for obj in e["scene"].objects)
     assert not any(obj.pattern == "rings" for e in text for obj in e["scene"].objects)
+
+
+def test_latent_coverage_is_the_objects_share_of_each_latent_pixel():
+    background = Background("flat", ("gray",))
+    corner = SceneObject("square", "red", "large", "top left", offset=(-1.5, -1.5))
+    [cover] = latent_coverage([Scene(background, (corner,))], 8)
+    side = 2 * 0.85 * RADII["large"]  # the square's side in pixels (world units at 64²)
+    assert cover.sum() * 64 == pytest.approx(side ** 2, rel=0.02)
+    # the square spans pixels 2.6 to 26.4 on both axes
+    assert cover[1, 1] == pytest.approx(1.0) and cover[2, 2] == pytest.approx(1.0) and 0 < cover[0, 0] < 1
+    assert cover[7, 7] == 0 and cover[0, 4] == 0
+    [empty] = latent_coverage([Scene(background, ())], 8)
+    assert empty.abs().sum() == 0
+
+
+def test_pretraining_weights_the_objects_pixels(comfy):
+    """The loss is linear in the pixel weights, so covered latent pixels count 1 + OBJECT_LOSS_WEIGHT times (on the
+    world's DiT as ComfyUI loads it, with the same noise for each call)."""
+    base_model = load_world_dit(initial_dit_state_dict()).model
+    torch.manual_seed(0)
+    x0, features = torch.randn(2, 16, 8, 8), torch.randn(2, 6, 32)
+    cover = torch.zeros(2, 8, 8)
+    cover[:, :4] = 1.0
+
+    def loss(pixel_weights=None):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            return flow_matching_loss(base_model, x0, features, pixel_weights).item()
+
+    plain, covered = loss(), loss(cover)
+    assert loss(torch.ones(2, 8, 8)) == pytest.approx(plain, rel=1e-6)
+    assert 0 < covered < plain
+    assert loss(1 + OBJECT_LOSS_WEIGHT * cover) == pytest.approx(plain + OBJECT_LOSS_WEIGHT * covered, rel=1e-5)
+

@@ -1,8 +1,13 @@
-"""The probe's word swaps change one attribute's words and nothing else."""
+"""The probe's word swaps change one attribute's words and nothing else, and the probe runs on a build."""
+import re
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
+
+from devkit.paths import REPO_ROOT
 
 from world.probe import swapped_caption
 from world.scenes import BACKGROUND_COLORS, SHAPE_WORDS, SIZE_WORDS, caption, held_out_scenes
@@ -42,3 +47,16 @@ def test_shape_and_size_swaps_replace_one_word(one_object_scenes, attribute, wor
         (was, now), = changed
         assert was.replace("_", " ") in words[value]
         assert any(now.replace("_", " ") in options for key, options in words.items() if key != value)
+
+
+def test_the_probe_measures_a_build(built):
+    """On the smoke build: every section prints, and the reliance figures are numbers."""
+    out, _ = built
+    result = subprocess.run([sys.executable, "-m", "world.probe", "--out", str(out), "--prompts", "2"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "with the image" in result.stdout and "concept probability" in result.stdout
+    words = re.search(r"word reliance .*: object color ([-+][\d.]+)%", result.stdout)
+    image = re.search(r"image reliance .*: ([-+][\d.]+)%", result.stdout)
+    assert words and image, result.stdout
+    assert (out / "probe.png").exists()
