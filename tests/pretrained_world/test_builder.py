@@ -12,9 +12,10 @@ from tests.pretrained_world.world_build import build
 from world.builder import (MADE_UP_WORDS, OBJECT_LOSS_WEIGHT, corpus_example, flow_matching_loss, latent_coverage,
                            load_world_dit)
 from world.manifest import MANIFEST, verify_manifest
-from world.models import DIT_LAYERS, WEIGHT_FILES, initial_dit_state_dict, world_is_built
+from world.models import (DIT_LAYERS, VISION_CONFIG, WEIGHT_FILES, initial_dit_state_dict, text_encoder_state_dict,
+                          vision_tensors, world_is_built)
 from world.resumable import train_resumably
-from world.scenes import RADII, SHAPE_WORDS, Background, Scene, SceneObject
+from world.scenes import RADII, SHAPE_WORDS, Background, Scene, SceneObject, render
 
 
 def test_every_stage_runs_and_writes_its_output(built):
@@ -188,3 +189,31 @@ def test_pretraining_weights_the_objects_pixels(comfy):
     assert 0 < covered < plain
     assert loss(1 + OBJECT_LOSS_WEIGHT * cover) == pytest.approx(plain + OBJECT_LOSS_WEIGHT * covered, rel=1e-5)
 
+
+def test_image_tokens_enter_the_language_model_about_as_large_as_text_tokens(comfy):
+    """The vision tower's merger hands the language model image tokens near a text token embedding's size and led by
+    the image's content, not by the position embeddings (transformers' default scales gave a fifth of the size, and
+    the language model's layers drowned the image)."""
+    from devkit.comfy_runtime import pack_module
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    tower = Qwen3VLVisionModel(Qwen3VLVisionConfig(**VISION_CONFIG)).eval()
+    tower.load_state_dict({k.removeprefix("model.visual."): v for k, v in vision_tensors().items()})
+    processor = pack_module("nodes.teacher_vlm").image_processor_for(VISION_CONFIG)
+    merged = []
+    tower.merger.register_forward_hook(lambda module, inputs, output: merged.append(output))
+
+    def image_tokens(scene: Scene) -> torch.Tensor:
+        pixels = (render(scene) * 255).round().astype(np.uint8)
+        inputs = processor(images=[pixels], return_tensors="pt")
+        with torch.no_grad():
+            tower(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        return merged.pop()
+
+    background = Background("flat", ("gray",))
+    red, blue = (image_tokens(Scene(background, (SceneObject("square", color, "large", "center"),)))
+                 for color in ("red", "blue"))
+    text_norm = text_encoder_state_dict()["model.embed_tokens.weight"].norm(dim=-1).mean()
+    assert 0.5 < red.norm(dim=-1).mean() / text_norm < 2
+    assert (red - blue).norm(dim=-1).max() > 0.5 * red.norm(dim=-1).mean(), "the object's color moves its tokens"
