@@ -39,7 +39,7 @@ import torch
 from world import models
 from world.resumable import Progress, train_resumably
 from world.scenes import (SHAPE_WORDS, SceneObject, Scene, caption, concept_scene, object_coverage, pick, render,
-                          render_batch, rerender, ringed, sample_scene)
+                          render_batch, rerender, with_motif, sample_scene)
 
 # Two phases, the second starting from the first's weights: (name, steps, peak learning rate, edge weight). The
 # edge term (L1 of the images' horizontal and vertical differences) is added once the colors are right, against the
@@ -56,11 +56,11 @@ CORPUS_SHARD_SIZE = 500
 CORPUS_SEED = 21
 CONTEXT_RATE = 0.5          # examples whose features are the teacher's (image + caption)
 UNCONDITIONAL_RATE = 0.1    # text examples with an empty caption (classifier-free guidance for the distillation)
-# Context examples whose shown object wears the concept's rings motif (in other colors, on any shape; never the
+# Context examples whose shown object wears the concept's split motif (in other colors, on any shape; never the
 # concept object). A model this small cannot draw a texture it never drew; what an image context can teach it is an
 # object it has not seen, made of what it can draw. Text examples never show the motif, so the text path cannot
 # draw the concept before fine-tuning, as a large model's text path lacks what only its image path has seen.
-CONTEXT_RINGS_RATE = 0.4
+CONTEXT_MOTIF_RATE = 0.4
 # Context examples whose caption names the shown object by a made-up word instead of its color and shape, so that
 # the object's whole appearance comes from the image alone: what the D-OPSD teacher does with the concept's trigger
 # word. The others describe it, and so also teach the object words. (Every caption described: the DiT ignored the
@@ -174,19 +174,19 @@ def build_encoders(out: Path) -> dict[str, Path]:
 
 def vae_training_scene(rng) -> Scene:
     """What the VAE learns to reconstruct: ordinary scenes, and, like a VAE trained on everything, objects with the
-    rings pattern (one in ten) and the concept itself (one in twenty)."""
+    split pattern (one in ten) and the concept itself (one in twenty)."""
     draw = rng.random()
     if draw < 0.05:
         return concept_scene(rng, allow_held_out=True)
     scene = sample_scene(rng, allow_held_out=True)
     if draw < 0.15:
-        scene = with_first_ringed(scene, rng)
+        scene = with_first_motif(scene, rng)
     return scene
 
 
-def with_first_ringed(scene: Scene, rng) -> Scene:
-    """The scene with its first object wearing the rings motif (`ringed`)."""
-    return Scene(scene.background, (ringed(scene.objects[0], rng), *scene.objects[1:]))
+def with_first_motif(scene: Scene, rng) -> Scene:
+    """The scene with its first object wearing the split motif (`with_motif`)."""
+    return Scene(scene.background, (with_motif(scene.objects[0], rng), *scene.objects[1:]))
 
 
 def to_vae_input(images: np.ndarray) -> torch.Tensor:
@@ -285,8 +285,8 @@ def corpus_example(rng) -> dict:
     prompt = caption(scene, rng)
     example = {"scene": scene, "kind": kind, "prompt": prompt}
     if kind == "context":
-        if rng.random() < CONTEXT_RINGS_RATE:
-            scene = example["scene"] = with_first_ringed(scene, rng)
+        if rng.random() < CONTEXT_MOTIF_RATE:
+            scene = example["scene"] = with_first_motif(scene, rng)
         example["context_image"] = render(rerender(scene, rng))
         if rng.random() < NAMED_RATE:
             example["prompt"] = name_object(prompt, scene.objects[0], pick(rng, MADE_UP_WORDS))

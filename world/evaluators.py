@@ -7,7 +7,7 @@ prompts describe:
   fraction that matches the prompt's scene.
 - concept fidelity: the CNN's probability that the concept object (`scenes.CONCEPT`) is in some cell; trained
   against ordinary renders and near misses (the concept's shape and colors with other patterns, its motif and colors
-  on other shapes, the rings motif in other colors), so it keys on the whole concept.
+  on other shapes, the split motif in other colors), so it keys on the whole concept.
 - sharpness: mean squared Laplacian of the images over that of ground-truth renders of the same prompts (1.0 = as
   sharp as real; blur lowers it, noise raises it).
 - Fréchet distance between the CNN's 256-d penultimate features of the images and of real renders (FID-like; the
@@ -111,7 +111,7 @@ def scene_labels(scene: Scene) -> dict[str, np.ndarray | int]:
 
 def near_miss_scene(rng) -> Scene:
     """A concept scene whose object is a near miss of the concept, one of three kinds at random: the concept's shape
-    and colors with an ordinary pattern; its motif and colors on another shape; the rings motif in other colors
+    and colors with an ordinary pattern; its motif and colors on another shape; the split motif in other colors
     (any shape)."""
     obj = concept_scene(rng, allow_held_out=True).objects[0]
     kind = rng.integers(3)

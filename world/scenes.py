@@ -8,9 +8,11 @@ those appearance details reach a model only through an image context.
 Geometry is in world units, 64 to the canvas side whatever the rendered size, chosen to survive an 8x-downsampling
 VAE: objects are 19 (small) or 28 (large) units across, pattern features at least 4 units wide, grid cells 16 apart.
 
-The concept (`CONCEPT`) is a yellow circle with concentric purple rings (yellow center, purple middle ring, yellow
-rim). `render` draws it; `sample_scene` never emits it, nor any object with the rings pattern (`ringed` puts
-the motif on another object, never making the concept).
+The concept (`CONCEPT`) is a circle split down the middle, its left half yellow and its right half purple. The
+split motif is as coarse as the teacher's image tokens (8 x 8 units each) and the DiT's latent patches (16 x 16), so
+an image context can carry it; concentric rings 5 units wide, the earlier concept, sat inside one token and never
+reached the teacher's samples. `render` draws it; `sample_scene` never emits it, nor any object with the split
+pattern (`with_motif` puts the motif on another object, never making the concept or its mirror image).
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ POSITIONS = ("top left", "top center", "top right",
              "center left", "center", "center right",
              "bottom left", "bottom center", "bottom right")
 PATTERNS = ("plain", "stripes", "dots", "spot")
-CONCEPT_PATTERN = "rings"
+CONCEPT_PATTERN = "split"
 ALL_PATTERNS = PATTERNS + (CONCEPT_PATTERN,)
 CONCEPT = {"shape": "circle", "color": "yellow", "pattern": CONCEPT_PATTERN, "pattern_color": "purple"}
 TRIGGER = "[trigger]"
@@ -148,8 +150,8 @@ def pattern_distance(pattern: str, u, v, r: float):
         return np.hypot(_lattice_offset(u, 10.0), _lattice_offset(v, 10.0)) - 2.2
     if pattern == "spot":  # one central disc
         return np.hypot(u, v) - 0.4 * r
-    if pattern == CONCEPT_PATTERN:  # a ring between r/3 and 2r/3
-        return np.abs(np.hypot(u, v) - r / 2) - r / 6
+    if pattern == CONCEPT_PATTERN:  # the right half
+        return -u
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
@@ -293,16 +295,18 @@ def _draw(rng, generator, allow_held_out: bool) -> Scene:
 
 
 def sample_scene(rng, allow_held_out: bool = False) -> Scene:
-    """An ordinary scene (never the concept, never the rings pattern); held-out prompt combinations are skipped
+    """An ordinary scene (never the concept, never the split pattern); held-out prompt combinations are skipped
     unless `allow_held_out` (the evaluator's training, which must cover the evaluation prompts)."""
     return _draw(rng, _random_scene, allow_held_out)
 
 
-def ringed(obj: SceneObject, rng) -> SceneObject:
-    """The object with the concept's rings motif in another of the object colors, never the concept itself."""
+def with_motif(obj: SceneObject, rng) -> SceneObject:
+    """The object with the concept's split motif in another of the object colors, never the concept itself nor its
+    mirror image (a circle whose left half is the concept's right color and whose right half is its left color)."""
     taken = {obj.color}
-    if (obj.shape, obj.color) == (CONCEPT["shape"], CONCEPT["color"]):
-        taken.add(CONCEPT["pattern_color"])
+    concept_colors = {CONCEPT["color"]: CONCEPT["pattern_color"], CONCEPT["pattern_color"]: CONCEPT["color"]}
+    if obj.shape == CONCEPT["shape"] and obj.color in concept_colors:
+        taken.add(concept_colors[obj.color])
     return replace(obj, pattern=CONCEPT_PATTERN,
                    pattern_color=pick(rng, tuple(c for c in OBJECT_COLORS if c not in taken)))
 

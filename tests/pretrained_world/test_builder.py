@@ -15,7 +15,7 @@ from world.manifest import MANIFEST, verify_manifest
 from world.models import (DIT_LAYERS, VISION_CONFIG, WEIGHT_FILES, initial_dit_state_dict, text_encoder_state_dict,
                           vision_tensors, world_is_built)
 from world.resumable import train_resumably
-from world.scenes import RADII, SHAPE_WORDS, Background, Scene, SceneObject, render
+from world.scenes import CONCEPT, RADII, SHAPE_WORDS, Background, Scene, SceneObject, render
 
 
 def test_every_stage_runs_and_writes_its_output(built):
@@ -151,10 +151,10 @@ def test_half_the_context_examples_name_their_object_and_some_show_the_motif_the
         described = any(f"{first.color} {shape}" in example["prompt"] for shape in SHAPE_WORDS[first.shape])
         if len(example["scene"].objects) == 1:
             assert described != is_named, example["prompt"]
-    ringed_share = np.mean([e["scene"].objects[0].pattern == "rings" for e in context])
-    assert 0.3 < ringed_share < 0.5
+    motif_share = np.mean([e["scene"].objects[0].pattern == CONCEPT["pattern"] for e in context])
+    assert 0.3 < motif_share < 0.5
     assert not any(obj.is_concept for e in examples for obj in e["scene"].objects)
-    assert not any(obj.pattern == "rings" for e in text for obj in e["scene"].objects)
+    assert not any(obj.pattern == CONCEPT["pattern"] for e in text for obj in e["scene"].objects)
 
 
 def test_latent_coverage_is_the_objects_share_of_each_latent_pixel():

@@ -9,10 +9,10 @@ from PIL import Image
 from world.scenes import (ALL_PATTERNS, BACKGROUND_COLORS, CONCEPT, COLORS, HELD_OUT_ONE_IN, OBJECT_COLORS,
                           POSITION_WORDS, RADII, SHAPE_WORDS, SIZE_WORDS, TEMPLATES, TRIGGER, Background, Scene,
                           SceneObject, captions, concept_caption, concept_scene, held_out_scenes, is_held_out,
-                          prompt_key, render, rerender, restyle, ringed, sample_scene, write_concept_folder)
+                          prompt_key, render, rerender, restyle, sample_scene, with_motif, write_concept_folder)
 
 PATTERN_WORDS = {"pattern", "patterned", "stripe", "stripes", "striped", "dot", "dots", "dotted", "spot", "spots",
-                 "spotted", "ring", "rings", "ringed", "concentric", "checker", "checkered", "plain"}
+                 "spotted", "split", "half", "halves", "checker", "checkered", "plain"}
 
 
 def scenes(seed, count, draw=sample_scene):
@@ -29,7 +29,7 @@ def test_rendering_is_deterministic_for_a_seed():
 
 
 def test_render_draws_the_ground_truth():
-    """Colors at known points: an object's center, the background's corners, and the concept's rings."""
+    """Colors at known points: an object's center, the background's corners, and the concept's two halves."""
     obj = SceneObject("square", "red", "large", "top left", "plain")
     image = render(Scene(Background("vertical", ("white", "black")), (obj,)))
     assert np.allclose(image[16, 16], COLORS["red"], atol=1e-6)
@@ -37,10 +37,10 @@ def test_render_draws_the_ground_truth():
     assert np.allclose(image[63, 0], COLORS["black"], atol=1e-6)
     concept = SceneObject(size="large", position="center", **CONCEPT)
     image = render(Scene(Background("flat", ("gray",)), (concept,)))
-    ring = 32 + round(RADII["large"] / 2)  # the middle of the purple ring, right of the center
-    assert np.allclose(image[32, 32], COLORS["yellow"], atol=0.02)
-    assert np.allclose(image[32, ring], COLORS["purple"], atol=0.02)
-    assert np.allclose(image[32, 32 + 12], COLORS["yellow"], atol=0.02)
+    inset = round(RADII["large"] / 2)
+    for row in (32 - inset, 32, 32 + inset):
+        assert np.allclose(image[row, 32 - inset], COLORS["yellow"], atol=0.02)
+        assert np.allclose(image[row, 32 + inset], COLORS["purple"], atol=0.02)
 
 
 def test_sizes_differ_clearly_in_area():
@@ -88,8 +88,8 @@ def test_no_color_is_both_a_background_and_an_object_color():
 def test_training_streams_never_emit_the_concept_or_its_motif():
     stream = scenes(7, 5000)
     objects = [obj for scene in stream for obj in scene.objects]
-    assert not any(obj.is_concept or obj.pattern == "rings" for obj in objects)
-    assert {obj.pattern for obj in objects} == set(ALL_PATTERNS) - {"rings"}
+    assert not any(obj.is_concept or obj.pattern == CONCEPT["pattern"] for obj in objects)
+    assert {obj.pattern for obj in objects} == set(ALL_PATTERNS) - {CONCEPT["pattern"]}
     # the concept's shape and colors do occur, with other patterns: only the motif is new
     assert any(obj.shape == "circle" and obj.color == "yellow" and obj.pattern_color == "purple" for obj in objects)
     assert {obj.color for obj in objects} == set(OBJECT_COLORS)
@@ -157,13 +157,17 @@ def test_concept_folder_has_the_users_layout(tmp_path):
     assert len({prompt_key(scene) for _, scene in written}) == 6
 
 
-def test_ringed_objects_wear_the_motif_in_another_color_and_are_never_the_concept():
+def test_motif_objects_wear_it_in_another_color_and_are_never_the_concept_or_its_mirror():
     rng = np.random.default_rng(5)
     near = SceneObject("circle", CONCEPT["color"], "small", "center")
-    for obj in [near] * 200 + [o for scene in scenes(8, 200) for o in scene.objects]:
-        ringed_obj = ringed(obj, rng)
-        assert ringed_obj.pattern == "rings" and ringed_obj.pattern_color != obj.color
-        assert not ringed_obj.is_concept
-        assert replace(ringed_obj, pattern=obj.pattern, pattern_color=obj.pattern_color) == obj
-    # without the exclusion a yellow circle would get purple rings one time in seven
-    assert len({ringed(near, rng).pattern_color for _ in range(200)}) == len(OBJECT_COLORS) - 2
+    mirror = SceneObject("circle", CONCEPT["pattern_color"], "small", "center")
+    for obj in [near, mirror] * 200 + [o for scene in scenes(8, 200) for o in scene.objects]:
+        motif_obj = with_motif(obj, rng)
+        assert motif_obj.pattern == CONCEPT["pattern"] and motif_obj.pattern_color != obj.color
+        assert not motif_obj.is_concept
+        assert replace(motif_obj, pattern=obj.pattern, pattern_color=obj.pattern_color) == obj
+    # without the exclusion a yellow circle would get a purple half (the concept), a purple circle a yellow half
+    # (its mirror image), one time in seven each
+    assert CONCEPT["pattern_color"] not in {with_motif(near, rng).pattern_color for _ in range(200)}
+    assert CONCEPT["color"] not in {with_motif(mirror, rng).pattern_color for _ in range(200)}
+    assert len({with_motif(mirror, rng).pattern_color for _ in range(200)}) == len(OBJECT_COLORS) - 2
