@@ -10,8 +10,9 @@ against real renders of the same prompts. Then the ability the D-OPSD teacher re
 prompts whose object is named by a made-up word, with another rendering of the object as the image context (the
 teacher node's Qwen3-VL encoding), against the same prompts without the image; the object's shape and colour can
 only come from the image. And the teacher itself: held-out concept prompts (the trigger word in place of the
-concept) with a concept render as the image context, against the same prompts without it, scored by the
-evaluator's concept probability: D-OPSD can teach the student only what this teacher draws. Writes a grid
+concept), each with its own render as the image context (as D-OPSD's teacher gets each training image with its own
+prompt), against the same prompts without it, scored by the evaluator's concept probability: D-OPSD can teach the
+student only what this teacher draws. Writes a grid
 (rows: 8 steps, 32 steps, real, context images, with context, without, concept with and without) to
 <build>/probe.png. Last, which caption words the DiT reads: for held-out one-object scenes, how much its denoising
 error rises when one word of the caption is swapped for another of its kind (object colour, shape, size, background
@@ -35,7 +36,7 @@ from world.builder import MADE_UP_WORDS, Encoders, Workshop, built_files, name_o
 from world.evaluators import attribute_accuracy, concept_probability, frechet_distance, load_evaluator, sharpness
 from world.experiment import TRIGGER_WORD
 from world.scenes import (BACKGROUND_COLORS, OBJECT_COLORS, POSITIONS, SHAPE_WORDS, SHAPES, SIZE_WORDS, SIZES, TRIGGER,
-                          caption, concept_caption, concept_scene, held_out_scenes, pick, render, render_batch,
+                          caption, concept_caption, held_out_scenes, pick, render_batch,
                           rerender, restyle)
 
 SAMPLINGS = ((8, 1.0), (32, 3.0))
@@ -217,10 +218,9 @@ def main(argv=None) -> None:
           flush=True)
     rows.append(grid_row(context_images))
     compare("", list(context_images), named, lambda samples: object_accuracy(evaluator, samples, scenes))
-    concept_prompts = [concept_caption(scene, rng).replace(TRIGGER, TRIGGER_WORD)
-                       for scene in held_out_scenes("concept", args.prompts, PROBE_SEED)]
-    concept_image = render(concept_scene(rng))
-    compare("concept, ", [concept_image] * len(concept_prompts), concept_prompts,
+    concept_scenes = held_out_scenes("concept", args.prompts, PROBE_SEED)
+    concept_prompts = [concept_caption(scene, rng).replace(TRIGGER, TRIGGER_WORD) for scene in concept_scenes]
+    compare("concept, ", list(render_batch(concept_scenes)), concept_prompts,
             lambda samples: f"concept probability {concept_probability(evaluator.outputs(samples)).mean():.2f}")
     reliance = word_reliance(model.model, encoders, scenes, rng)
     print("  word reliance (x0 error rise when the word is swapped): "
