@@ -1,9 +1,9 @@
-"""The README's main job, headless: the example fine-tune-then-generate workflow on the small built-in models.
+"""The README's main job, headless: the example fine-tune-then-generate workflow on the small built-in world.
 
-With the world's weights in world/weights (issue #13), that is the D-OPSD-vs-SFT experiment through the shipped
-Z-Image workflow at the main job's size (world.experiment.MAIN_JOB): a table and a grid of base model, teacher,
-D-OPSD and SFT at 8 steps. Until they are built, the workflow runs on tiny random models (noise images, a loss
-curve), as the fast tests do.
+On the world's weights (world/weights, committed) it is the D-OPSD-vs-SFT experiment through the shipped Z-Image
+workflow at the main job's size (world.experiment.MAIN_JOB): a table and a grid of base model, teacher, D-OPSD and
+SFT on held-out prompts. Pointed at a folder without the world (--weights), the workflow runs on tiny random models
+(noise images, a loss curve), as the fast tests do.
 
     python scripts/run_example.py [--out DIR] [--weights DIR] [--smoke]
 """
@@ -31,7 +31,7 @@ def run_on_world(out: Path, weights: Path, smoke: bool) -> None:
     print(result["table"])
     print(f"example: done in {result['seconds']:.0f} s")
     print(f"example: table       {out / 'table.md'}")
-    print(f"example: grid        {out / 'grid.png'} (rows: methods; columns: held-out concept prompts at 8 and 32 steps)")
+    print(f"example: grid        {out / 'grid.png'} (rows: methods; columns: held-out concept prompts at 8 and 32 steps, base prompts at 8)")
 
 
 def run_on_tiny_models(out: Path) -> None:

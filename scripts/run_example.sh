@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: provisions (idempotent), then runs the example fine-tune-then-generate workflow headless on the
-# small built-in models, writing the LoRA, the generated images and the loss curve to an output folder it prints.
+# small built-in world (world/weights): D-OPSD and SFT LoRAs, their table and image grid, in an output folder it prints.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/provision.sh"
