@@ -24,7 +24,7 @@ from devkit.paths import REPO_ROOT, make_base_directory
 from world import models
 from world.evaluators import attribute_accuracy, concept_probability, frechet_distance, load_evaluator, sharpness
 from world.generate import Sampling, generate, sample_conditionings
-from world.scenes import (TRIGGER, caption, concept_caption, held_out_scenes, render_batch, restyle,
+from world.scenes import (TRIGGER, caption, concept_caption, held_out_scenes, render_batch, restyle, save_png,
                           write_concept_folder)
 
 CONCEPT_FOLDER = "dopsd/my_concept"
@@ -162,8 +162,7 @@ def teacher_ceiling(runtime, base: Path, prompts: Prompts, base_model: Measured)
     folder = base / "input" / TEACHER_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     for index, prompt in enumerate(prompts.concept):
-        render = prompts.concept_real[index * prompts.images_per_prompt]
-        Image.fromarray(np.round(render * 255).astype(np.uint8)).save(folder / f"concept_{index}.png")
+        save_png(prompts.concept_real[index * prompts.images_per_prompt], folder / f"concept_{index}.png")
         (folder / f"concept_{index}.txt").write_text(prompt.replace(TRIGGER_WORD, TRIGGER) + "\n")
     graph = training_graph(runtime, "D-OPSD", 1e-4, 0, "unused", 1)
     keep = {k for k, v in graph.items() if v["class_type"] in ("DOPSDLoadModel", "DOPSDDatasetFromFolder",
