@@ -1,7 +1,7 @@
 """The README's main job, headless: the example fine-tune-then-generate workflow on the small built-in world.
 
 On the world's weights (world/weights, committed) it is the D-OPSD-vs-SFT experiment through the shipped Z-Image
-workflow at the main job's size (world.experiment.MAIN_JOB): a table and a grid of base model, teacher, D-OPSD and
+workflow at the main job's size (world.experiment.main_job_scale): a table and a grid of base model, teacher, D-OPSD and
 SFT on held-out prompts. Pointed at a folder without the world (--weights), the workflow runs on tiny random models
 (noise images, a loss curve), as the fast tests do.
 
@@ -23,9 +23,9 @@ from world import models  # noqa: E402
 
 
 def run_on_world(out: Path, weights: Path, smoke: bool) -> None:
-    from world.experiment import MAIN_JOB, SMOKE, run_experiment
+    from world.experiment import SMOKE, main_job_scale, run_experiment
 
-    scale = SMOKE if smoke else MAIN_JOB
+    scale = SMOKE if smoke else main_job_scale()
     print(f"example: D-OPSD vs SFT on the world's weights ({weights}), {scale}", flush=True)
     result = run_experiment(out, scale, weights, log=lambda line: print(f"example: {line}", flush=True))
     print(result["table"])

@@ -55,9 +55,17 @@ class Scale:
     images_per_prompt: int = 2
 
 
-# The README's main job: each objective at the learning rate the full search chose (world/results/search.json), one
-# seed, fewer held-out prompts: minutes instead of the search's quarter hour.
-MAIN_JOB = Scale(dopsd_learning_rates=(1e-3,), sft_learning_rates=(3e-3,), seeds=1, concept_prompts=8, base_prompts=16)
+RESULTS_DIR = models.WORLD_DIR / "results"
+
+
+def main_job_scale(search: Path = RESULTS_DIR / "search.json") -> Scale:
+    """The README's main job: each objective at the learning rate the committed experiment's search chose, one seed,
+    fewer held-out prompts: minutes instead of the search's quarter hour."""
+    chosen = {objective: tried["chosen"] for objective, tried in json.loads(search.read_text()).items()}
+    return Scale(dopsd_learning_rates=(chosen["D-OPSD"],), sft_learning_rates=(chosen["SFT"],), seeds=1,
+                 concept_prompts=8, base_prompts=16)
+
+
 SMOKE = Scale(train_steps=2, dopsd_learning_rates=(1e-4,), sft_learning_rates=(1e-4,), seeds=1, concept_prompts=2,
               base_prompts=3, images_per_prompt=1)
 
